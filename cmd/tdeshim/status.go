@@ -1,0 +1,198 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tdeshim/tdeshim/keys"
+	"github.com/tdeshim/tdeshim/layout"
+	"github.com/tdeshim/tdeshim/store"
+	"github.com/tdeshim/tdeshim/volume"
+)
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "status",
+		Usage:     "show a volume's format, keys and usage (no key needed)",
+		ArgsUsage: " ",
+		Description: `Reads the header, key table, key map and journal without unwrapping any key,
+so it works without access to the principal key and while serve runs.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}},
+			&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
+		},
+		Action: runStatus,
+	}
+}
+
+// Status is the JSON shape of `status --json`.
+type Status struct {
+	Volume        string         `json:"volume"`
+	Format        uint32         `json:"format_version"`
+	UUID          string         `json:"uuid"`
+	SizeBytes     uint64         `json:"size_bytes"`
+	Cipher        string         `json:"cipher"`
+	InUse         bool           `json:"in_use"`
+	Clean         bool           `json:"clean"`
+	Created       time.Time      `json:"created"`
+	LastOpen      *time.Time     `json:"last_open"`
+	LastClean     *time.Time     `json:"last_clean_shutdown"`
+	Provider      keys.Config    `json:"provider"`
+	Slots         SlotSummary    `json:"key_slots"`
+	Blocks        BlockSummary   `json:"blocks"`
+	Journal       JournalSummary `json:"journal"`
+	MetadataBytes int64          `json:"metadata_bytes"`
+}
+
+type SlotSummary struct {
+	Total     uint32 `json:"total"`
+	Active    int    `json:"active"`
+	Destroyed int    `json:"destroyed"`
+	Volume    int    `json:"volume"`
+	WAL       int    `json:"wal"`
+	Relation  int    `json:"relation"`
+}
+
+type BlockSummary struct {
+	Total uint64 `json:"total"`
+	Used  uint64 `json:"used"`
+	Free  uint64 `json:"free"`
+}
+
+type JournalSummary struct {
+	Epoch          uint64 `json:"epoch"`
+	PendingRecords int    `json:"pending_records"`
+	UsedBlocks     uint32 `json:"used_blocks"`
+	CapacityBlocks uint32 `json:"capacity_blocks"`
+}
+
+func runStatus(c *cli.Context) error {
+	path := c.String("volume")
+	st, err := store.OpenFile(path, true)
+	inUse := false
+	if errors.Is(err, store.ErrLocked) {
+		inUse = true
+		st, err = openUnlocked(path)
+	}
+	if err != nil {
+		return fmt.Errorf("status %s: %w", path, err)
+	}
+	defer st.Close()
+	s, err := volume.Inspect(st)
+	if err != nil {
+		return fmt.Errorf("status %s: %w", path, explain(err))
+	}
+	out := summarize(path, s, inUse)
+	if c.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	printStatus(out)
+	return nil
+}
+
+// openUnlocked reads a volume a running serve holds. The on-disk state may
+// trail the server's memory by the commits it has not yet made.
+func openUnlocked(path string) (*store.File, error) {
+	return store.OpenFileNoLock(path)
+}
+
+func summarize(path string, s *volume.State, inUse bool) Status {
+	h := s.Header
+	g := h.Geometry
+	out := Status{
+		Volume: path, Format: h.Version, UUID: fmt.Sprintf("%x", h.UUID), SizeBytes: g.Size,
+		Cipher: "aes-256-xts (4 KiB units, tweak = block number)", InUse: inUse,
+		Clean: h.Flags&layout.FlagClean != 0, Created: time.Unix(h.Created, 0).UTC(),
+		MetadataBytes: g.DataOff(),
+	}
+	if h.LastOpen != 0 {
+		t := time.Unix(h.LastOpen, 0).UTC()
+		out.LastOpen = &t
+	}
+	if h.LastClean != 0 {
+		t := time.Unix(h.LastClean, 0).UTC()
+		out.LastClean = &t
+	}
+	out.Provider, _ = keys.ParseConfig(h.ProviderConfig)
+	out.Slots.Total = g.Slots
+	for _, sl := range s.Slots {
+		switch sl.State {
+		case layout.SlotActive:
+			out.Slots.Active++
+			switch sl.Kind {
+			case layout.KindVolume:
+				out.Slots.Volume++
+			case layout.KindWAL:
+				out.Slots.WAL++
+			case layout.KindRelation:
+				out.Slots.Relation++
+			}
+		case layout.SlotDestroyed:
+			out.Slots.Destroyed++
+		}
+	}
+	out.Blocks.Total = g.Blocks()
+	for _, e := range s.Entries {
+		if e != layout.FreeEntry {
+			out.Blocks.Used++
+		}
+	}
+	out.Blocks.Free = out.Blocks.Total - out.Blocks.Used
+	out.Journal = JournalSummary{Epoch: s.Epoch, PendingRecords: s.Replayed, UsedBlocks: s.JournalUsed, CapacityBlocks: g.JournalRecordBlocks()}
+	return out
+}
+
+func printStatus(s Status) {
+	state := "clean (closed normally)"
+	if !s.Clean {
+		state = "open or crashed (journal will be replayed at next open)"
+	}
+	if s.InUse {
+		state = "in use by a running serve (figures below are as of its last commit)"
+	}
+	fmt.Printf("volume      %s\n", s.Volume)
+	fmt.Printf("format      tdeshim v%d, uuid %s\n", s.Format, s.UUID)
+	fmt.Printf("size        %s (%d bytes), metadata %s\n", humanBytes(s.SizeBytes), s.SizeBytes, humanBytes(uint64(s.MetadataBytes)))
+	fmt.Printf("cipher      %s\n", s.Cipher)
+	fmt.Printf("state       %s\n", state)
+	fmt.Printf("created     %s\n", s.Created.Format(time.RFC3339))
+	if s.LastClean != nil {
+		fmt.Printf("last clean  %s\n", s.LastClean.Format(time.RFC3339))
+	} else {
+		fmt.Printf("last clean  never\n")
+	}
+	prov := s.Provider.Provider
+	if prov == "file" {
+		prov += " " + s.Provider.KeyFile + " (DEVELOPMENT ONLY)"
+	}
+	fmt.Printf("provider    %s\n", prov)
+	fmt.Printf("key slots   %d active (%d volume, %d WAL, %d relation), %d destroyed, %d total\n",
+		s.Slots.Active, s.Slots.Volume, s.Slots.WAL, s.Slots.Relation, s.Slots.Destroyed, s.Slots.Total)
+	pct := float64(0)
+	if s.Blocks.Total > 0 {
+		pct = 100 * float64(s.Blocks.Used) / float64(s.Blocks.Total)
+	}
+	fmt.Printf("blocks      %d used (%.1f%%), %d free, %d total\n", s.Blocks.Used, pct, s.Blocks.Free, s.Blocks.Total)
+	fmt.Printf("journal     epoch %d, %d records pending (%d of %d blocks)\n",
+		s.Journal.Epoch, s.Journal.PendingRecords, s.Journal.UsedBlocks, s.Journal.CapacityBlocks)
+}
+
+// explain adds what to do next to format errors.
+func explain(err error) error {
+	switch {
+	case errors.Is(err, layout.ErrNotVolume):
+		return fmt.Errorf("%w; create one with `tdeshim init`", err)
+	case errors.Is(err, layout.ErrVersion):
+		return fmt.Errorf("%w; use the tdeshim release that created it", err)
+	case errors.Is(err, layout.ErrCorrupt):
+		return fmt.Errorf("%w; do not write to this volume; restore it from a backup or snapshot", err)
+	}
+	return err
+}

@@ -1,0 +1,16 @@
+module github.com/tdeshim/tdeshim
+
+go 1.26.8
+
+require (
+	github.com/pojntfx/go-nbd v0.3.2
+	github.com/urfave/cli/v2 v2.27.5
+	golang.org/x/crypto v0.31.0
+	golang.org/x/sys v0.28.0
+)
+
+require (
+	github.com/cpuguy83/go-md2man/v2 v2.0.5 // indirect
+	github.com/russross/blackfriday/v2 v2.1.0 // indirect
+	github.com/xrash/smetrics v0.0.0-20240521201337-686a1a2994c1 // indirect
+)
