@@ -111,6 +111,26 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 }
 
+// ServeConn serves one already-accepted connection (socket activation,
+// tests) and returns when it ends.
+func (s *Server) ServeConn(nc net.Conn) {
+	c := &conn{srv: s, nc: nc, log: s.log}
+	s.mu.Lock()
+	if s.down {
+		s.mu.Unlock()
+		nc.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	defer s.wg.Done()
+	c.serve()
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
 // Shutdown stops accepting, lets every connection finish the requests it
 // has read (new ones get ESHUTDOWN), and flushes the device. It returns
 // when all connections are gone or ctx ends.

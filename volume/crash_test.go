@@ -134,7 +134,7 @@ func TestCrashAtRandomPointsReadsOldOrNew(t *testing.T) {
 		wg.Wait()
 		crash()
 		v.closeKeys()
-		v2, err := Open(context.Background(), store.NewCrash(crashImg, sector), Options{Provider: openProvider(t, kf)})
+		v2, err := Open(context.Background(), store.NewCrash(crashImg, sector), Options{Provider: openProvider(t, kf), Logger: quiet})
 		if err != nil {
 			t.Fatalf("seed %d: volume does not open after crash: %v", seed, err)
 		}

@@ -2,6 +2,8 @@ package volume
 
 import (
 	"context"
+	"io"
+	"log/slog"
 	"path/filepath"
 	"testing"
 
@@ -47,9 +49,11 @@ func newCrashVolume(t testing.TB, size uint64, keyFile string) (*store.Crash, la
 
 func mustOpen(t testing.TB, st store.Store, keyFile string) *Volume {
 	t.Helper()
-	v, err := Open(context.Background(), st, Options{Provider: openProvider(t, keyFile)})
+	v, err := Open(context.Background(), st, Options{Provider: openProvider(t, keyFile), Logger: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return v
 }
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
