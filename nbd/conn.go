@@ -2,13 +2,19 @@ package nbd
 
 import (
 	"encoding/binary"
+
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
+
+	"github.com/tdeshim/tdeshim/internal/bufpool"
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -24,7 +30,17 @@ type conn struct {
 	sess     session
 	stopping atomic.Bool
 	inflight sync.WaitGroup
+	active   atomic.Int32 // requests running on their own goroutine
+	r        io.Reader    // request stream: nc, or a blocking dup of its fd
+	rfd      int          // that dup, or -1
 }
+
+// coalesceMax is the largest reply copied into one buffer and sent with a
+// single write rather than writev.
+const coalesceMax = 64 << 10
+
+// inlineMax is the largest request run on the reader goroutine.
+const inlineMax = 64 << 10
 
 type request struct {
 	flags  uint16
@@ -41,6 +57,58 @@ func (c *conn) stop() {
 	c.stopping.Store(true)
 	// Unblock the reader; it then drains and disconnects.
 	c.nc.SetReadDeadline(time.Now())
+	if c.rfd >= 0 {
+		unix.Shutdown(c.rfd, unix.SHUT_RD)
+	}
+}
+
+// blockingReader reads requests with plain blocking read(2) calls on a
+// duplicate of the socket, from a goroutine locked to its thread. Go's
+// netpoller would otherwise turn every request at queue depth 1 into
+// read → EAGAIN → epoll wait → wake-up → read, which costs more than the
+// request itself.
+type blockingReader int
+
+func (r blockingReader) Read(p []byte) (int, error) {
+	for {
+		n, err := unix.Read(int(r), p)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return 0, err
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+// useBlockingReads switches the request stream to a blocking dup of the
+// socket when the connection is a real socket.
+func (c *conn) useBlockingReads() {
+	c.r, c.rfd = c.nc, -1
+	sc, ok := c.nc.(syscall.Conn)
+	if !ok {
+		return
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return
+	}
+	dup := -1
+	raw.Control(func(fd uintptr) { dup, _ = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) })
+	if dup < 0 {
+		return
+	}
+	// O_NONBLOCK belongs to the open file, so the original descriptor
+	// turns blocking too: replies then block in write(2) when the socket
+	// buffer is full, which is what a thread-per-connection server does.
+	if err := unix.SetNonblock(dup, false); err != nil {
+		unix.Close(dup)
+		return
+	}
+	c.r, c.rfd = blockingReader(dup), dup
 }
 
 func (c *conn) serve() {
@@ -52,11 +120,20 @@ func (c *conn) serve() {
 		return
 	}
 	c.log.Debug("client attached", "structured", c.sess.structured, "block_status", c.sess.metaAlloc)
+	c.useBlockingReads()
+	if c.rfd >= 0 {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer unix.Close(c.rfd)
+		if c.stopping.Load() {
+			unix.Shutdown(c.rfd, unix.SHUT_RD)
+		}
+	}
 	sem := make(chan struct{}, c.srv.opt.MaxInFlight)
 	defer c.inflight.Wait()
 	hdr := make([]byte, requestHeaderSize)
 	for {
-		if _, err := io.ReadFull(c.nc, hdr); err != nil {
+		if _, err := io.ReadFull(c.r, hdr); err != nil {
 			if !errors.Is(err, io.EOF) && !c.stopping.Load() {
 				c.log.Debug("connection read failed", "err", err)
 			}
@@ -82,14 +159,14 @@ func (c *conn) serve() {
 					c.log.Warn("write payload too large; disconnecting", "length", r.length)
 					return
 				}
-				if _, err := io.CopyN(io.Discard, c.nc, int64(r.length)); err != nil {
+				if _, err := io.CopyN(io.Discard, c.r, int64(r.length)); err != nil {
 					return
 				}
 				c.replyError(r, EINVAL, "write larger than the advertised maximum payload")
 				continue
 			}
-			r.data = getPayload(int(r.length))
-			if _, err := io.ReadFull(c.nc, r.data); err != nil {
+			r.data = bufpool.Get(int(r.length))
+			if _, err := io.ReadFull(c.r, r.data); err != nil {
 				return
 			}
 		}
@@ -100,10 +177,20 @@ func (c *conn) serve() {
 			c.replyError(r, ESHUTDOWN, "server is shutting down")
 			continue
 		}
+		// A small read or write arriving when nothing else is in flight
+		// runs on this goroutine: handing it to another would cost a
+		// cross-thread wake-up, which at queue depth 1 is most of the
+		// latency. Anything else, or anything while others run, gets its
+		// own goroutine so slow requests (FLUSH) never hold up others.
+		if c.active.Load() == 0 && (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMax {
+			c.handle(r)
+			continue
+		}
 		sem <- struct{}{}
 		c.inflight.Add(1)
+		c.active.Add(1)
 		go func() {
-			defer func() { <-sem; c.inflight.Done() }()
+			defer func() { c.active.Add(-1); <-sem; c.inflight.Done() }()
 			c.handle(r)
 		}()
 	}
@@ -176,7 +263,7 @@ func (c *conn) validate(r *request) (uint32, string) {
 func (c *conn) handle(r *request) {
 	defer func() {
 		if r.data != nil {
-			putPayload(r.data)
+			bufpool.Put(r.data)
 		}
 	}()
 	if code, msg := c.validate(r); code != 0 {
@@ -213,8 +300,8 @@ func (c *conn) handle(r *request) {
 }
 
 func (c *conn) read(r *request) {
-	buf := getPayload(int(r.length))
-	defer putPayload(buf)
+	buf := bufpool.Get(int(r.length))
+	defer bufpool.Put(buf)
 	if err := c.srv.dev.ReadAt(buf, int64(r.off)); err != nil {
 		c.log.Warn("read failed", "offset", r.off, "length", r.length, "err", err)
 		c.replyError(r, codeOf(err), err.Error())
@@ -297,33 +384,24 @@ func (c *conn) replyChunk(handle uint64, flags, typ uint16, head, payload []byte
 }
 
 func (c *conn) send(hdr, payload []byte) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	bufs := net.Buffers{hdr}
-	if len(payload) > 0 {
-		bufs = append(bufs, payload)
+	var err error
+	if len(payload) <= coalesceMax {
+		// One contiguous write: cheaper than writev for small replies.
+		b := bufpool.Get(len(hdr) + len(payload))
+		copy(b, hdr)
+		copy(b[len(hdr):], payload)
+		c.wmu.Lock()
+		_, err = c.nc.Write(b)
+		c.wmu.Unlock()
+		bufpool.Put(b)
+	} else {
+		bufs := net.Buffers{hdr, payload}
+		c.wmu.Lock()
+		_, err = bufs.WriteTo(c.nc)
+		c.wmu.Unlock()
 	}
-	if _, err := bufs.WriteTo(c.nc); err != nil {
+	if err != nil {
 		// The peer is gone; the reader will notice and end the connection.
 		c.nc.Close()
-	}
-}
-
-var payloads sync.Pool
-
-func getPayload(n int) []byte {
-	if n <= 1<<20 {
-		if b, ok := payloads.Get().(*[]byte); ok {
-			return (*b)[:n]
-		}
-		return make([]byte, n, 1<<20)
-	}
-	return make([]byte, n)
-}
-
-func putPayload(b []byte) {
-	if cap(b) == 1<<20 {
-		b = b[:cap(b)]
-		payloads.Put(&b)
 	}
 }

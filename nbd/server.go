@@ -91,7 +91,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			return err
 		}
 		delay = 0
-		c := &conn{srv: s, nc: nc, log: s.log.With("remote", nc.RemoteAddr().String())}
+		c := &conn{srv: s, nc: nc, rfd: -1, log: s.log.With("remote", nc.RemoteAddr().String())}
 		s.mu.Lock()
 		if s.down {
 			s.mu.Unlock()
@@ -114,7 +114,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // ServeConn serves one already-accepted connection (socket activation,
 // tests) and returns when it ends.
 func (s *Server) ServeConn(nc net.Conn) {
-	c := &conn{srv: s, nc: nc, log: s.log}
+	c := &conn{srv: s, nc: nc, rfd: -1, log: s.log}
 	s.mu.Lock()
 	if s.down {
 		s.mu.Unlock()

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tdeshim/tdeshim/crypto"
+	"github.com/tdeshim/tdeshim/internal/bufpool"
 	"github.com/tdeshim/tdeshim/keys"
 	"github.com/tdeshim/tdeshim/layout"
 	"github.com/tdeshim/tdeshim/store"
@@ -187,8 +188,8 @@ func (v *Volume) ReadAt(p []byte, off int64) error {
 	if off%blockSize == 0 && len(p)%blockSize == 0 {
 		return v.readBlocks(p, b0)
 	}
-	buf := getBuf(int(b1-b0) * blockSize)
-	defer putBuf(buf)
+	buf := bufpool.Get(int(b1-b0) * blockSize)
+	defer bufpool.Put(buf)
 	if err := v.readBlocks(buf, b0); err != nil {
 		return err
 	}
@@ -265,9 +266,12 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 		defer v.gate.RUnlock()
 		unlock := v.lockStripes(b0, b1, true)
 		defer unlock()
-		buf := getBuf(int(b1-b0) * blockSize)
-		defer putBuf(buf)
 		head := uint64(off) - b0*blockSize
+		if head == 0 && len(p)%blockSize == 0 {
+			return v.writeBlocks(p, b0) // whole blocks: no staging copy
+		}
+		buf := bufpool.Get(int(b1-b0) * blockSize)
+		defer bufpool.Put(buf)
 		if head != 0 {
 			if err := v.readBlocks(buf[:blockSize], b0); err != nil {
 				return err
@@ -312,8 +316,8 @@ func (v *Volume) writeBlocks(plain []byte, b0 uint64) error {
 			slots[i] = e
 		}
 	}
-	ct := getBuf(len(plain))
-	defer putBuf(ct)
+	ct := bufpool.Get(len(plain))
+	defer bufpool.Put(ct)
 	for k := uint64(0); k < n; {
 		m := k + 1
 		for m < n && slots[m] == slots[k] {
@@ -435,8 +439,8 @@ func (v *Volume) Zero(off int64, n int64, noHole, fast, fua bool) error {
 const maxZeroChunk = 4 << 20
 
 func (v *Volume) writeZeros(off, n int64, fua bool) error {
-	z := getBuf(int(n))
-	defer putBuf(z)
+	z := bufpool.Get(int(n))
+	defer bufpool.Put(z)
 	clear(z[:n])
 	return v.WriteAt(z[:n], off, fua)
 }

@@ -33,7 +33,10 @@ What crosses the NBD socket is plaintext: keep it a unix socket (mode 0600)
 or loopback TCP.`,
 		Commands: withLogging(initCommand(), serveCommand(), statusCommand(), attachCommand(), detachCommand()),
 	}
-	if err := app.Run(os.Args); err != nil {
+	stopProfile := startProfile()
+	err := app.Run(os.Args)
+	stopProfile()
+	if err != nil {
 		msg := err.Error()
 		if !strings.HasPrefix(msg, "tdeshim") {
 			msg = "tdeshim: " + msg

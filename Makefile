@@ -1,0 +1,59 @@
+# tdeshim — see README.md. `make demo` and `make test` do all set-up.
+GO        ?= go
+BIN       := bin/tdeshim
+FUZZTIME  ?= 5s
+FUZZ_LONG ?= 2m
+CRASH_ITERATIONS ?= 400
+
+.PHONY: all build deps test unit e2e lint fuzz fuzz-short bench demo crash-test clean
+
+all: build
+
+deps:
+	./scripts/deps.sh
+
+build:
+	$(GO) build -trimpath -o $(BIN) ./cmd/tdeshim
+
+lint:
+	@test -z "$$(gofmt -l . | tee /dev/stderr)" || (echo "gofmt: files above need formatting" >&2; exit 1)
+	$(GO) vet ./...
+
+# Everything CI runs: lint, unit and end-to-end tests (real NBD clients,
+# nbdfuse + loop + ext4), a short run of every fuzz target, and a check
+# that no loop device or FUSE mount was leaked.
+test: deps lint
+	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout 20m ./...
+	$(MAKE) --no-print-directory fuzz-short
+	./scripts/check-leaks.sh
+
+unit:
+	$(GO) test -count=1 -short ./crypto/... ./layout/... ./keys/... ./store/... ./volume/... ./nbd/...
+
+e2e: build
+	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -v ./e2e/...
+
+FUZZ_TARGETS := layout:FuzzDecodeHeader layout:FuzzDecodeSlot layout:FuzzDecodeMapPage \
+	layout:FuzzDecodeJournal nbd:FuzzNegotiation nbd:FuzzRequests
+
+fuzz-short:
+	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t#*:}; \
+	  echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
+	  $(GO) test ./$$pkg -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) >/tmp/tdeshim-fuzz.log 2>&1 || { cat /tmp/tdeshim-fuzz.log; exit 1; }; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-short FUZZTIME=$(FUZZ_LONG)
+
+# Many more crash points than the unit test's default.
+crash-test:
+	TDESHIM_CRASH_ITERATIONS=$(CRASH_ITERATIONS) $(GO) test -count=1 -run Crash -v ./volume/
+
+bench: deps build
+	./scripts/bench.sh
+
+demo: deps build
+	$(BIN) demo
+
+clean:
+	rm -rf bin

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# make bench: tdeshim against its anchors, in one run on this machine.
+#   crypto   AES-256-XTS 4 KiB MB/s, tdeshim engine vs `openssl speed`
+#   nbdcopy  1 GiB write (with flush) and read, tdeshim vs `nbdkit file`
+#   fio      4 KiB random read/write, iodepth 1 and 16, on ext4 over
+#            nbdfuse + loop (direct I/O), tdeshim vs nbdkit
+# Prints a table of ratios (tdeshim / anchor) and writes it to
+# bench-results/latest.txt. Set BENCH_QUICK=1 for a shorter run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$PWD/bin/tdeshim
+WORK=$(mktemp -d /var/tmp/tdeshim-bench.XXXXXX)
+OUT=bench-results
+mkdir -p "$OUT"
+RES=$OUT/latest.txt
+: >"$RES"
+COPY_SIZE=${COPY_SIZE:-1G}
+FIO_TIME=${FIO_TIME:-20}
+[[ -n ${BENCH_QUICK:-} ]] && { COPY_SIZE=256M; FIO_TIME=5; }
+
+pids=()
+devs=()
+mnts=()
+cleanup() {
+  for m in "${mnts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  for d in "${devs[@]}"; do "$BIN" detach "$d" 2>/dev/null || losetup -d "$d" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { echo "== $*" >&2; }
+row() { printf '%-34s %12s %12s %8s\n' "$1" "$2" "$3" "$4" | tee -a "$RES"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# ---- crypto ---------------------------------------------------------------
+log "crypto: tdeshim engine vs openssl speed (1 core, 4 KiB)"
+ssl=$(openssl speed -evp aes-256-xts -bytes 4096 -seconds 3 2>/dev/null | awk '/^AES-256-XTS/ { sub(/k$/, "", $2); printf "%.0f", $2 * 1000 / 1e6 }')
+gobench=$(go test ./crypto -run '^$' -bench 'Benchmark(En|De)crypt4K' -benchtime 2s -cpu 1 | awk '/MB\/s/ { print $1, $(NF-1) }')
+enc=$(awk '/Encrypt/ { printf "%.0f", $2 }' <<<"$gobench")
+dec=$(awk '/Decrypt/ { printf "%.0f", $2 }' <<<"$gobench")
+printf '%-34s %12s %12s %8s\n' "metric" "tdeshim" "anchor" "ratio" | tee -a "$RES"
+row "AES-XTS encrypt MB/s (vs openssl)" "$enc" "$ssl" "$(ratio "$enc" "$ssl")"
+row "AES-XTS decrypt MB/s (vs openssl)" "$dec" "$ssl" "$(ratio "$dec" "$ssl")"
+
+# ---- servers --------------------------------------------------------------
+# The start functions set SOCK (not a subshell: pids must reach cleanup).
+start_tdeshim() { # $1 = name
+  local vol=$WORK/$1.vol
+  SOCK=$WORK/$1.sock
+  "$BIN" init --volume "$vol" --size 2G --key-file "$WORK/$1.key" >/dev/null 2>&1
+  "$BIN" serve --volume "$vol" --listen "unix:$SOCK" --log-level warn >"$WORK/$1.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 200); do [[ -S $SOCK ]] && return; sleep 0.05; done
+  echo "tdeshim serve did not start:" >&2; cat "$WORK/$1.log" >&2; exit 1
+}
+start_nbdkit() { # $1 = name
+  local f=$WORK/$1.raw
+  SOCK=$WORK/$1.sock
+  truncate -s 2G "$f"
+  # nbdkit daemonizes with -P; Debian's stops serving if its parent dies
+  # otherwise.
+  nbdkit -U "$SOCK" -P "$WORK/$1.pid" file file="$f" </dev/null >/dev/null 2>&1
+  for _ in $(seq 200); do [[ -s $WORK/$1.pid ]] && break; sleep 0.05; done
+  pids+=("$(cat "$WORK/$1.pid")")
+}
+stop_last() {
+  local p=${pids[-1]}
+  kill "$p" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  unset 'pids[-1]'
+}
+
+secs() { local s=$(date +%s.%N); "$@" >/dev/null 2>&1; awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
+median3() { tr ' ' '\n' <<<"$*" | sort -n | sed -n 2p; }
+
+log "nbdcopy: $COPY_SIZE write+flush and read"
+src=$WORK/random.bin
+head -c "$COPY_SIZE" /dev/urandom >"$src"
+bytes=$(stat -c %s "$src")
+copy_bench() { # $1 = socket; prints "writeMBs readMBs"
+  local uri="nbd+unix:///?socket=$1" w=() r=()
+  for i in 1 2 3; do
+    w+=("$(secs nbdcopy --flush "$src" "$uri")")
+    r+=("$(secs nbdcopy "$uri" null:)")
+  done
+  awk -v b="$bytes" -v w="$(median3 "${w[*]}")" -v r="$(median3 "${r[*]}")" 'BEGIN { printf "%.0f %.0f\n", b / w / 1e6, b / r / 1e6 }'
+}
+start_tdeshim copy; read -r tw tr_ < <(copy_bench "$SOCK"); stop_last
+start_nbdkit copy;  read -r kw kr < <(copy_bench "$SOCK"); stop_last
+row "nbdcopy write MB/s (vs nbdkit)" "$tw" "$kw" "$(ratio "$tw" "$kw")"
+row "nbdcopy read MB/s (vs nbdkit)" "$tr_" "$kr" "$(ratio "$tr_" "$kr")"
+
+# ---- fio over nbdfuse + loop + ext4 ----------------------------------------
+fio_bench() { # $1 = socket, $2 = name; writes 4 IOPS figures to $WORK/fio.out
+  local dev mnt=$WORK/$2.mnt
+  dev=$("$BIN" attach --socket "$1" --via fuse-loop --mount-dir "$WORK/$2.fuse" </dev/null)
+  devs+=("$dev")
+  mkfs.ext4 -q -F -b 4096 "$dev"
+  mkdir -p "$mnt"; mount -o nodelalloc,discard "$dev" "$mnt"; mnts+=("$mnt")
+  local out=()
+  for rw in randread randwrite; do
+    for qd in 1 16; do
+      out+=("$(fio --name=b --filename="$mnt/fio.dat" --size=512M --rw=$rw --bs=4k --iodepth=$qd \
+        --ioengine=libaio --direct=1 --time_based --runtime="$FIO_TIME" --ramp_time=2 \
+        --output-format=json 2>/dev/null | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["read"]["iops"] + j["write"]["iops"]))')")
+    done
+  done
+  umount "$mnt"; unset 'mnts[-1]'
+  "$BIN" detach "$dev"; unset 'devs[-1]'
+  echo "${out[*]}" >"$WORK/fio.out"
+}
+log "fio 4k random, iodepth 1/16, ${FIO_TIME}s each, ext4 over nbdfuse+loop"
+start_tdeshim fio; fio_bench "$SOCK" tdeshim; read -r t1 t2 t3 t4 <"$WORK/fio.out"; stop_last
+start_nbdkit fio;  fio_bench "$SOCK" nbdkit;  read -r k1 k2 k3 k4 <"$WORK/fio.out"; stop_last
+row "fio randread qd1 IOPS (vs nbdkit)" "$t1" "$k1" "$(ratio "$t1" "$k1")"
+row "fio randread qd16 IOPS (vs nbdkit)" "$t2" "$k2" "$(ratio "$t2" "$k2")"
+row "fio randwrite qd1 IOPS (vs nbdkit)" "$t3" "$k3" "$(ratio "$t3" "$k3")"
+row "fio randwrite qd16 IOPS (vs nbdkit)" "$t4" "$k4" "$(ratio "$t4" "$k4")"
+
+echo
+echo "machine: $(nproc) cores, $(uname -r), $(date -u +%FT%TZ)" | tee -a "$RES"
+echo "results in $RES"
