@@ -150,3 +150,50 @@ func newGCM(principal []byte) (cipher.AEAD, error) {
 	}
 	return cipher.NewGCM(block)
 }
+
+// Principals is the table of principal keys recorded in the volume header.
+// Every key slot names the entry whose key wraps it, so a rotation that
+// stops half way leaves each slot openable by the old or the new key, and
+// both are listed until it completes.
+type Principals struct {
+	Current uint16            `json:"current"`
+	Keys    map[uint16]Config `json:"keys"`
+}
+
+// SinglePrincipal is the table of a new volume.
+func SinglePrincipal(c Config) Principals {
+	return Principals{Current: 0, Keys: map[uint16]Config{0: c}}
+}
+
+// Marshal encodes the table for the header.
+func (p Principals) Marshal() ([]byte, error) { return json.Marshal(p) }
+
+// ParsePrincipals decodes the header's table. A bare Config (the first
+// releases' form) is read as a table with one entry, number 0.
+func ParsePrincipals(b []byte) (Principals, error) {
+	var probe map[string]json.RawMessage
+	if err := json.Unmarshal(b, &probe); err != nil {
+		return Principals{}, fmt.Errorf("keys: provider settings in header: %w", err)
+	}
+	if _, ok := probe["provider"]; ok {
+		c, err := ParseConfig(b)
+		return SinglePrincipal(c), err
+	}
+	var p Principals
+	if err := json.Unmarshal(b, &p); err != nil {
+		return p, fmt.Errorf("keys: principal table in header: %w", err)
+	}
+	if _, ok := p.Keys[p.Current]; !ok {
+		return p, fmt.Errorf("keys: principal table names current key %d but does not hold it", p.Current)
+	}
+	return p, nil
+}
+
+// CurrentConfig is the settings of the key that wraps new data keys.
+func (p Principals) CurrentConfig() Config { return p.Keys[p.Current] }
+
+// BatchUnwrapper is implemented by providers that unwrap many keys in few
+// round trips (KMIP batch items).
+type BatchUnwrapper interface {
+	UnwrapBatch(ctx context.Context, ws []Wrapped, aads [][]byte) ([]*Secret, error)
+}

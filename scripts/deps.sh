@@ -5,11 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# cgo OpenSSL engine; real NBD clients and the reference server; loop,
+# FUSE and ext4; benchmarks; PostgreSQL 15; an independent KMIP server.
 packages=(
   gcc libssl-dev openssl
-  libnbd-bin python3-libnbd
-  nbdkit
-  qemu-utils
+  libnbd-bin python3-libnbd nbdkit qemu-utils
   fuse3 util-linux e2fsprogs
   fio
   postgresql postgresql-contrib
@@ -17,7 +17,6 @@ packages=(
 )
 missing=()
 for p in "${packages[@]}"; do
-  case "$p" in \
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,11 @@ type Config struct {
 	Logger               *slog.Logger
 	// Ready, if set, is called once every listener accepts connections.
 	Ready func(addrs []string)
+	// KMSCheckInterval: how often the principal keys are checked in the
+	// KMS; a revoked or destroyed key suspends the volume. 0 disables.
+	KMSCheckInterval time.Duration
+	// ControlDir holds the control socket (default /run/tdeshim).
+	ControlDir string
 }
 
 // Run serves until ctx is cancelled, then drains in-flight requests,
@@ -60,7 +66,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("serve: open %s: %w", cfg.Volume, err)
 	}
 	defer st.Close()
-	vol, err := volume.Open(ctx, st, volume.Options{ReadOnly: cfg.ReadOnly, Provider: cfg.Provider, Logger: log})
+	vol, err := openWithRetry(ctx, st, cfg, log)
 	if err != nil {
 		return fmt.Errorf("serve: %s: %w", cfg.Volume, err)
 	}
@@ -89,6 +95,16 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		lns = append(lns, ln)
 		addrs = append(addrs, spec)
+	}
+	health := &Health{}
+	ctl, err := startControl(ctx, cfg, vol, srv, health, log)
+	if err != nil {
+		log.Warn("no control socket; online key rotation and live status are unavailable", "err", err)
+	} else {
+		defer ctl.Close()
+	}
+	if cfg.KMSCheckInterval > 0 {
+		go watchKMS(ctx, vol, cfg.KMSCheckInterval, health, log)
 	}
 	errc := make(chan error, len(lns))
 	for _, ln := range lns {
@@ -122,6 +138,74 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Info("volume closed cleanly")
 	}
 	return serveErr
+}
+
+// openWithRetry opens the volume; while the KMS is unreachable it retries
+// with backoff (and says so) rather than failing or serving anything.
+func openWithRetry(ctx context.Context, st *store.File, cfg Config, log *slog.Logger) (*volume.Volume, error) {
+	delay := time.Second
+	for {
+		vol, err := volume.Open(ctx, st, volume.Options{ReadOnly: cfg.ReadOnly, Provider: cfg.Provider, Logger: log})
+		if err == nil || !errors.Is(err, keys.ErrKMSUnreachable) {
+			return vol, err
+		}
+		log.Warn("KMS unreachable; not serving until the keys can be unwrapped", "retry_in", delay.String(), "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("gave up waiting for the KMS: %w", err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, time.Minute)
+	}
+}
+
+// Health is what serve knows about its KMS, for status.
+type Health struct {
+	mu        sync.Mutex
+	KMS       string    `json:"kms"`
+	CheckedAt time.Time `json:"checked_at"`
+}
+
+func (h *Health) set(s string) {
+	h.mu.Lock()
+	h.KMS, h.CheckedAt = s, time.Now().UTC()
+	h.mu.Unlock()
+}
+
+func (h *Health) get() (string, time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.KMS, h.CheckedAt
+}
+
+// watchKMS checks the principal keys every interval. Unreachable: keep
+// serving from the keys in memory, warn. Revoked, destroyed or gone:
+// suspend the volume (wipe keys, fail I/O) until an operator restarts it.
+func watchKMS(ctx context.Context, vol *volume.Volume, every time.Duration, h *Health, log *slog.Logger) {
+	h.set("ok")
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := vol.Check(cctx)
+		cancel()
+		switch {
+		case err == nil:
+			h.set("ok")
+		case errors.Is(err, keys.ErrPrincipalInactive), errors.Is(err, keys.ErrPrincipalNotFound):
+			h.set("suspended: " + err.Error())
+			vol.Suspend(err)
+			return
+		default:
+			h.set("unreachable: " + err.Error())
+			log.Warn("KMS check failed; serving on with the keys in memory", "err", err)
+		}
+	}
 }
 
 // Listen opens a listener from unix:PATH or tcp:HOST:PORT. Unix sockets

@@ -60,7 +60,7 @@ func Create(ctx context.Context, st store.Store, geo layout.Geometry, prov keys.
 	if _, err := rand.Read(h.UUID[:]); err != nil {
 		return err
 	}
-	cfg, err := prov.Config().Marshal()
+	cfg, err := keys.SinglePrincipal(prov.Config()).Marshal()
 	if err != nil {
 		return err
 	}
@@ -265,19 +265,15 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	prov := opt.Provider
-	if prov == nil {
-		cfg, err := keys.ParseConfig(s.Header.ProviderConfig)
-		if err != nil {
-			return nil, err
-		}
-		if prov, err = keys.Open(ctx, cfg); err != nil {
-			return nil, err
-		}
+	pt, err := keys.ParsePrincipals(s.Header.ProviderConfig)
+	if err != nil {
+		return nil, err
 	}
 	g := s.Header.Geometry
 	v := &Volume{
-		st: st, hdr: s.Header, geo: g, readOnly: opt.ReadOnly, prov: prov, log: log,
+		st: st, hdr: s.Header, geo: g, readOnly: opt.ReadOnly, log: log,
+		principals:   pt,
+		provs:        map[uint16]keys.Provider{},
 		slots:        s.Slots,
 		entries:      make([]atomic.Uint32, g.Blocks()),
 		dirty:        map[uint64]struct{}{},
@@ -285,6 +281,7 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 		nextSeq:      uint64(s.Replayed),
 		journalUsed:  s.JournalUsed,
 		touchedPages: s.Touched,
+		rawKeys:      make([]*keys.Secret, g.Slots),
 	}
 	for i, e := range s.Entries {
 		if e != layout.FreeEntry && s.Slots[e].State == layout.SlotDestroyed {
@@ -295,28 +292,14 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 	volSlot := s.Header.VolumeKeySlot
 	v.keyFor = func(uint64) uint32 { return volSlot }
 	cs := make([]crypto.Cipher, g.Slots)
-	for i := uint32(1); i < g.Slots; i++ {
-		if s.Slots[i].State != layout.SlotActive {
-			continue
-		}
-		sl := s.Slots[i]
-		k, err := prov.Unwrap(ctx, keys.Wrapped{Nonce: sl.Nonce, Ciphertext: sl.Ciphertext, Tag: sl.Tag}, layout.WrapAAD(s.Header.UUID, i))
-		if err != nil {
-			closeCiphers(cs)
-			if opt.Provider == nil {
-				prov.Close()
-			}
-			return nil, fmt.Errorf("volume %x: unwrap key slot %d: %w", s.Header.UUID[:4], i, err)
-		}
-		c, err := crypto.New(k.Bytes())
-		k.Wipe()
-		if err != nil {
-			closeCiphers(cs)
-			return nil, fmt.Errorf("volume: key slot %d: %w", i, err)
-		}
-		cs[i] = c
-	}
 	v.ciphers.Store(&cs)
+	if opt.Provider != nil {
+		v.provs[pt.Current] = opt.Provider
+	}
+	if err := v.unwrapAll(ctx); err != nil {
+		v.closeKeys()
+		return nil, err
+	}
 	if !opt.ReadOnly {
 		v.commitMu.Lock()
 		err := v.commitLocked(true) // fold the replayed journal into the map
@@ -334,19 +317,6 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 		}
 	}
 	return v, nil
-}
-
-func closeCiphers(cs []crypto.Cipher) {
-	for _, c := range cs {
-		if c != nil {
-			c.Close()
-		}
-	}
-}
-
-func (v *Volume) closeKeys() {
-	closeCiphers(*v.ciphers.Load())
-	v.prov.Close()
 }
 
 // Close commits, checkpoints, marks the volume clean and wipes every key.

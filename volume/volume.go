@@ -53,12 +53,17 @@ type Volume struct {
 	hdr      *layout.Header
 	geo      layout.Geometry
 	readOnly bool
-	prov     keys.Provider
 	log      *slog.Logger
+
+	// Principal keys: the header's table, and an open provider for every
+	// entry some slot uses. Guarded by slotsMu.
+	principals keys.Principals
+	provs      map[uint16]keys.Provider
 
 	slotsMu sync.Mutex
 	slots   []layout.Slot                   // key table, by slot number
 	ciphers atomic.Pointer[[]crypto.Cipher] // by slot number; nil if not unwrapped
+	rawKeys []*keys.Secret                  // unwrapped data keys (locked memory), for rewrapping
 
 	entries []atomic.Uint32 // in-memory key map (current, not durable)
 	stripe  [stripes]sync.RWMutex
@@ -78,8 +83,9 @@ type Volume struct {
 	journalUsed  uint32
 	touchedPages map[uint64]struct{}
 
-	failed atomic.Bool
-	closed atomic.Bool
+	failed    atomic.Bool
+	closed    atomic.Bool
+	suspended atomic.Bool
 
 	// keyFor picks the slot for a write to a FREE block. Issue: per-relation
 	// keys replace it with the block index's owner; never blocks.
@@ -183,6 +189,9 @@ func (v *Volume) ReadAt(p []byte, off int64) error {
 	b1 := (uint64(off) + uint64(len(p)) + blockSize - 1) / blockSize
 	v.gate.RLock()
 	defer v.gate.RUnlock()
+	if v.suspended.Load() {
+		return ErrSuspended
+	}
 	unlock := v.lockStripes(b0, b1, false)
 	defer unlock()
 	if off%blockSize == 0 && len(p)%blockSize == 0 {
@@ -264,6 +273,9 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 	err := func() error {
 		v.gate.RLock()
 		defer v.gate.RUnlock()
+		if v.suspended.Load() {
+			return ErrSuspended
+		}
 		unlock := v.lockStripes(b0, b1, true)
 		defer unlock()
 		head := uint64(off) - b0*blockSize
@@ -514,11 +526,35 @@ func (v *Volume) Slots() []layout.Slot {
 	return append([]layout.Slot(nil), v.slots...)
 }
 
-// Check asks the key provider whether the principal key is still usable.
-func (v *Volume) Check(ctx context.Context) error { return v.prov.Check(ctx) }
+// Check asks every principal key in use whether it is still usable.
+func (v *Volume) Check(ctx context.Context) error {
+	v.slotsMu.Lock()
+	provs := make([]keys.Provider, 0, len(v.provs))
+	for _, p := range v.provs {
+		provs = append(provs, p)
+	}
+	v.slotsMu.Unlock()
+	for _, p := range provs {
+		if err := p.Check(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
-// Provider is the key provider the volume was opened with.
-func (v *Volume) Provider() keys.Provider { return v.prov }
+// Provider is the provider of the current principal key.
+func (v *Volume) Provider() keys.Provider {
+	v.slotsMu.Lock()
+	defer v.slotsMu.Unlock()
+	return v.provs[v.principals.Current]
+}
+
+// Principals returns the header's principal-key table.
+func (v *Volume) Principals() keys.Principals {
+	v.slotsMu.Lock()
+	defer v.slotsMu.Unlock()
+	return v.principals
+}
 
 // StatsSnapshot returns counters since open.
 func (v *Volume) StatsSnapshot() map[string]uint64 {

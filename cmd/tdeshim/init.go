@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 
@@ -16,9 +17,23 @@ import (
 )
 
 func providerFlags() []cli.Flag {
+	return append([]cli.Flag{
+		&cli.StringFlag{Name: "key-provider", Value: "file", Usage: "where the principal key lives: kmip, or file (DEVELOPMENT ONLY)", EnvVars: []string{"TDESHIM_KEY_PROVIDER"}},
+		&cli.StringFlag{Name: "principal-key", Usage: "kmip: name of the principal key in the KMS", EnvVars: []string{"TDESHIM_PRINCIPAL_KEY"}},
+		&cli.BoolFlag{Name: "create-principal-key", Usage: "kmip: create and activate the principal key if no key has that name"},
+		&cli.StringFlag{Name: "wrap", Value: "server", Usage: "kmip: server (KMS encrypts; key never leaves it) or local (KMIP Get, wrap here)"},
+	}, kmipConnFlags()...)
+}
+
+// kmipConnFlags say how to reach the KMS; serve and key commands accept
+// them as overrides of what the header recorded.
+func kmipConnFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.StringFlag{Name: "key-provider", Value: "file", Usage: "where the principal key lives: file (DEVELOPMENT ONLY)", EnvVars: []string{"TDESHIM_KEY_PROVIDER"}},
 		&cli.StringFlag{Name: "key-file", Usage: "file provider: path of a 0600 file holding the 32-byte principal key (hex)", EnvVars: []string{"TDESHIM_KEY_FILE"}},
+		&cli.StringSliceFlag{Name: "kmip-endpoint", Usage: "kmip: HOST:PORT of the KMS; repeat or comma-separate for failover", EnvVars: []string{"TDESHIM_KMIP_ENDPOINT"}},
+		&cli.StringFlag{Name: "kmip-ca", Usage: "kmip: PEM file of the CA that signs the KMS certificate", EnvVars: []string{"TDESHIM_KMIP_CA"}},
+		&cli.StringFlag{Name: "kmip-cert", Usage: "kmip: client certificate (PEM) for mutual TLS", EnvVars: []string{"TDESHIM_KMIP_CERT"}},
+		&cli.StringFlag{Name: "kmip-key", Usage: "kmip: client private key (PEM)", EnvVars: []string{"TDESHIM_KMIP_KEY"}},
 	}
 }
 
@@ -158,6 +173,10 @@ func deviceDefaultSize(path string) (uint64, error) {
 
 func newProvider(ctx context.Context, c *cli.Context, creating bool) (keys.Provider, error) {
 	switch kind := c.String("key-provider"); kind {
+	case "kmip":
+		s := kmipSettingsFromFlags(c, keys.KMIPSettings{})
+		s.Principal, s.Wrap = c.String("principal-key"), c.String("wrap")
+		return keys.OpenKMIP(ctx, s, c.Bool("create-principal-key"))
 	case "file":
 		kf := c.String("key-file")
 		if kf == "" {
@@ -177,4 +196,29 @@ func newProvider(ctx context.Context, c *cli.Context, creating bool) (keys.Provi
 	default:
 		return keys.Open(ctx, keys.Config{Provider: kind})
 	}
+}
+
+// kmipSettingsFromFlags applies the KMIP connection flags that are set to
+// base (recorded settings, or empty at init). Paths become absolute,
+// since serve may run from another directory.
+func kmipSettingsFromFlags(c *cli.Context, base keys.KMIPSettings) keys.KMIPSettings {
+	if eps := c.StringSlice("kmip-endpoint"); len(eps) > 0 {
+		base.Endpoints = nil
+		for _, e := range eps {
+			for _, p := range strings.Split(e, ",") {
+				if p = strings.TrimSpace(p); p != "" {
+					base.Endpoints = append(base.Endpoints, p)
+				}
+			}
+		}
+	}
+	for flag, dst := range map[string]*string{"kmip-ca": &base.CA, "kmip-cert": &base.Cert, "kmip-key": &base.Key} {
+		if v := c.String(flag); v != "" {
+			if abs, err := filepath.Abs(v); err == nil {
+				v = abs
+			}
+			*dst = v
+		}
+	}
+	return base
 }

@@ -31,7 +31,7 @@ Typical life of a volume:
 
 What crosses the NBD socket is plaintext: keep it a unix socket (mode 0600)
 or loopback TCP.`,
-		Commands: withLogging(initCommand(), serveCommand(), statusCommand(), attachCommand(), detachCommand(), demoCommand()),
+		Commands: withLogging(initCommand(), serveCommand(), statusCommand(), attachCommand(), detachCommand(), demoCommand(), keyCommand(), kmipDevServerCommand()),
 	}
 	stopProfile := startProfile()
 	err := app.Run(os.Args)
@@ -50,6 +50,9 @@ or loopback TCP.`,
 // stderr (key material is never logged; see keys.Secret).
 func withLogging(cmds ...*cli.Command) []*cli.Command {
 	for _, cmd := range cmds {
+		if len(cmd.Subcommands) > 0 {
+			continue // the subcommands have their own
+		}
 		cmd.Flags = append(cmd.Flags, &cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: []string{"TDESHIM_LOG_LEVEL"}})
 		cmd.Before = func(c *cli.Context) error {
 			var lvl slog.Level

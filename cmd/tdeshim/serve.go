@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/tdeshim/tdeshim/keys"
 	"github.com/tdeshim/tdeshim/service"
+	"github.com/tdeshim/tdeshim/store"
+	"github.com/tdeshim/tdeshim/volume"
 )
 
 func serveCommand() *cli.Command {
@@ -34,17 +38,15 @@ Exit status 0 after a clean shutdown.`,
 			&cli.StringSliceFlag{Name: "listen", Required: true, Usage: "unix:PATH or tcp:HOST:PORT", EnvVars: []string{"TDESHIM_LISTEN"}},
 			&cli.BoolFlag{Name: "read-only", Usage: "refuse writes (EPERM)"},
 			&cli.BoolFlag{Name: "allow-remote-plaintext", Usage: "allow TCP on non-loopback addresses: blocks cross the network UNENCRYPTED"},
-		}, providerOverrideFlags()...),
+			&cli.DurationFlag{Name: "kms-check-interval", Value: time.Minute, Usage: "check the principal key in the KMS this often; a revoked or destroyed key suspends the volume (0: never)", EnvVars: []string{"TDESHIM_KMS_CHECK_INTERVAL"}},
+			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "directory for the control socket (live status, online rotation)", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
+		}, kmipConnFlags()...),
 		Action: func(c *cli.Context) error {
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 			defer stop()
-			var prov keys.Provider
-			if c.IsSet("key-file") {
-				p, err := keys.OpenFileProvider(c.String("key-file"))
-				if err != nil {
-					return err
-				}
-				prov = p
+			prov, err := overrideProvider(ctx, c, c.String("volume"))
+			if err != nil {
+				return err
 			}
 			return service.Run(ctx, service.Config{
 				Volume:               c.String("volume"),
@@ -52,6 +54,8 @@ Exit status 0 after a clean shutdown.`,
 				ReadOnly:             c.Bool("read-only"),
 				AllowRemotePlaintext: c.Bool("allow-remote-plaintext"),
 				Provider:             prov,
+				KMSCheckInterval:     c.Duration("kms-check-interval"),
+				ControlDir:           c.String("control-dir"),
 				Logger:               slog.Default(),
 				Ready: func([]string) {
 					if err := service.NotifySystemd("READY=1"); err != nil {
@@ -63,10 +67,44 @@ Exit status 0 after a clean shutdown.`,
 	}
 }
 
-// providerOverrideFlags let an operator (or a systemd credential) point at
-// a key somewhere other than what the header recorded.
-func providerOverrideFlags() []cli.Flag {
-	return []cli.Flag{
-		&cli.StringFlag{Name: "key-file", Usage: "file provider: override the key file recorded at init", EnvVars: []string{"TDESHIM_KEY_FILE"}},
+// overrideProvider opens the current principal key with connection flags
+// (or TDESHIM_* variables, e.g. from systemd credentials) overriding what
+// the header recorded. It returns nil when nothing is overridden.
+func overrideProvider(ctx context.Context, c *cli.Context, path string) (keys.Provider, error) {
+	set := false
+	for _, f := range []string{"key-file", "kmip-endpoint", "kmip-ca", "kmip-cert", "kmip-key"} {
+		set = set || c.IsSet(f)
 	}
+	if !set {
+		return nil, nil
+	}
+	pt, err := readPrincipals(path)
+	if err != nil {
+		return nil, err
+	}
+	cur := pt.CurrentConfig()
+	switch cur.Provider {
+	case "file":
+		if kf := c.String("key-file"); kf != "" {
+			return keys.OpenFileProvider(kf)
+		}
+		return nil, nil
+	case "kmip":
+		return keys.OpenKMIP(ctx, kmipSettingsFromFlags(c, keys.KMIPSettingsFrom(cur)), false)
+	}
+	return nil, fmt.Errorf("volume uses provider %q; the override flags do not apply", cur.Provider)
+}
+
+// readPrincipals reads a volume's principal table without locking it.
+func readPrincipals(path string) (keys.Principals, error) {
+	st, err := store.OpenFileNoLock(path)
+	if err != nil {
+		return keys.Principals{}, err
+	}
+	defer st.Close()
+	h, err := volume.ReadHeader(st)
+	if err != nil {
+		return keys.Principals{}, explain(err)
+	}
+	return keys.ParsePrincipals(h.ProviderConfig)
 }

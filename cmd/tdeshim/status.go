@@ -11,6 +11,7 @@ import (
 
 	"github.com/tdeshim/tdeshim/keys"
 	"github.com/tdeshim/tdeshim/layout"
+	"github.com/tdeshim/tdeshim/service"
 	"github.com/tdeshim/tdeshim/store"
 	"github.com/tdeshim/tdeshim/volume"
 )
@@ -25,6 +26,7 @@ so it works without access to the principal key and while serve runs.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}},
 			&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
+			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "where serve's control socket is", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
 		},
 		Action: runStatus,
 	}
@@ -32,21 +34,23 @@ so it works without access to the principal key and while serve runs.`,
 
 // Status is the JSON shape of `status --json`.
 type Status struct {
-	Volume        string         `json:"volume"`
-	Format        uint32         `json:"format_version"`
-	UUID          string         `json:"uuid"`
-	SizeBytes     uint64         `json:"size_bytes"`
-	Cipher        string         `json:"cipher"`
-	InUse         bool           `json:"in_use"`
-	Clean         bool           `json:"clean"`
-	Created       time.Time      `json:"created"`
-	LastOpen      *time.Time     `json:"last_open"`
-	LastClean     *time.Time     `json:"last_clean_shutdown"`
-	Provider      keys.Config    `json:"provider"`
-	Slots         SlotSummary    `json:"key_slots"`
-	Blocks        BlockSummary   `json:"blocks"`
-	Journal       JournalSummary `json:"journal"`
-	MetadataBytes int64          `json:"metadata_bytes"`
+	Volume        string                `json:"volume"`
+	Format        uint32                `json:"format_version"`
+	UUID          string                `json:"uuid"`
+	SizeBytes     uint64                `json:"size_bytes"`
+	Cipher        string                `json:"cipher"`
+	InUse         bool                  `json:"in_use"`
+	Clean         bool                  `json:"clean"`
+	Created       time.Time             `json:"created"`
+	LastOpen      *time.Time            `json:"last_open"`
+	LastClean     *time.Time            `json:"last_clean_shutdown"`
+	Provider      keys.Config           `json:"provider"`
+	PrincipalKeys int                   `json:"principal_keys"`
+	Live          *service.ControlReply `json:"live,omitempty"`
+	Slots         SlotSummary           `json:"key_slots"`
+	Blocks        BlockSummary          `json:"blocks"`
+	Journal       JournalSummary        `json:"journal"`
+	MetadataBytes int64                 `json:"metadata_bytes"`
 }
 
 type SlotSummary struct {
@@ -88,6 +92,12 @@ func runStatus(c *cli.Context) error {
 		return fmt.Errorf("status %s: %w", path, explain(err))
 	}
 	out := summarize(path, s, inUse)
+	if inUse {
+		// serve knows more than the disk: KMS health, suspension.
+		if rep, err := service.Ask(service.ControlPath(c.String("control-dir"), s.Header.UUID), service.ControlRequest{Op: "state"}, 10*time.Second); err == nil {
+			out.Live = rep
+		}
+	}
 	if c.Bool("json") {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
@@ -120,7 +130,10 @@ func summarize(path string, s *volume.State, inUse bool) Status {
 		t := time.Unix(h.LastClean, 0).UTC()
 		out.LastClean = &t
 	}
-	out.Provider, _ = keys.ParseConfig(h.ProviderConfig)
+	if pt, err := keys.ParsePrincipals(h.ProviderConfig); err == nil {
+		out.Provider = pt.CurrentConfig()
+		out.PrincipalKeys = len(pt.Keys)
+	}
 	out.Slots.Total = g.Slots
 	for _, sl := range s.Slots {
 		switch sl.State {
@@ -172,7 +185,25 @@ func printStatus(s Status) {
 	if prov == "file" {
 		prov += " " + s.Provider.KeyFile + " (DEVELOPMENT ONLY)"
 	}
+	if s.Provider.Provider == "kmip" {
+		k := keys.KMIPSettingsFrom(s.Provider)
+		prov = fmt.Sprintf("kmip key %q (id %s) at %v, wrap=%s", k.Principal, k.KeyID, k.Endpoints, k.Wrap)
+	}
+	if s.PrincipalKeys > 1 {
+		prov += fmt.Sprintf(" — %d principal keys listed: a rotation did not finish; run key rotate-principal again", s.PrincipalKeys)
+	}
 	fmt.Printf("provider    %s\n", prov)
+	if s.Live != nil {
+		kms := s.Live.KMS
+		if kms == "" {
+			kms = "not checked"
+		}
+		fmt.Printf("kms         %s (checked %s)\n", kms, s.Live.KMSChecked.Format(time.RFC3339))
+		if s.Live.Suspended {
+			fmt.Printf("SUSPENDED   the principal key was revoked or destroyed: I/O fails, keys are wiped; restore the key and restart serve\n")
+		}
+		fmt.Printf("serving     %d NBD connections\n", s.Live.Connections)
+	}
 	fmt.Printf("key slots   %d active (%d volume, %d WAL, %d relation), %d destroyed, %d total\n",
 		s.Slots.Active, s.Slots.Volume, s.Slots.WAL, s.Slots.Relation, s.Slots.Destroyed, s.Slots.Total)
 	pct := float64(0)

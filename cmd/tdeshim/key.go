@@ -1,0 +1,308 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/tdeshim/tdeshim/keys"
+	"github.com/tdeshim/tdeshim/layout"
+	"github.com/tdeshim/tdeshim/service"
+	"github.com/tdeshim/tdeshim/store"
+	"github.com/tdeshim/tdeshim/volume"
+)
+
+func keyCommand() *cli.Command {
+	vol := &cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}}
+	return &cli.Command{
+		Name:  "key",
+		Usage: "principal keys: info, verify, rotate",
+		Subcommands: withLogging(
+			&cli.Command{
+				Name:  "info",
+				Usage: "show the principal key(s), where they live, their KMS state and the slots they wrap",
+				Flags: append([]cli.Flag{vol, &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}}, kmipConnFlags()...),
+				Action: func(c *cli.Context) error {
+					return keyInfo(c, false)
+				},
+			},
+			&cli.Command{
+				Name:  "verify",
+				Usage: "check the KMS is reachable, each principal key is active, and every key slot unwraps",
+				Description: `Unwraps every data key (in memory, wiped after) without serving anything.
+Works while serve runs. Exit status 0 only if every slot unwraps.`,
+				Flags: append([]cli.Flag{vol, &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}}, kmipConnFlags()...),
+				Action: func(c *cli.Context) error {
+					return keyInfo(c, true)
+				},
+			},
+			&cli.Command{
+				Name:  "rotate-principal",
+				Usage: "rewrap every data key under a new principal key (online if serve runs)",
+				Description: `Data keys are not changed, only rewrapped: no block is rewritten.
+Crash-safe: the header lists the old and the new key until every slot is
+rewrapped, so an interrupted rotation leaves the volume openable with either;
+run it again to finish. Afterwards the old key can be revoked or destroyed in
+the KMS.
+
+Without --key-provider, the new key is in the same place as the current one
+(same KMS endpoints and credentials), named --principal-key. To migrate a
+volume from the file provider to KMIP, pass --key-provider kmip and the KMIP
+flags.`,
+				Flags:  append([]cli.Flag{vol}, providerFlags()...),
+				Action: rotatePrincipal,
+			},
+		),
+	}
+}
+
+type slotReport struct {
+	Principal uint16 `json:"principal"`
+	Slots     int    `json:"slots"`
+	Unwrapped int    `json:"unwrapped"`
+	State     string `json:"state"`
+	Error     string `json:"error,omitempty"`
+	Fix       string `json:"fix,omitempty"`
+	Config    keys.Config
+}
+
+func keyInfo(c *cli.Context, verify bool) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	path := c.String("volume")
+	st, err := store.OpenFileNoLock(path)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	s, err := volume.Inspect(st)
+	if err != nil {
+		return explain(err)
+	}
+	pt, err := keys.ParsePrincipals(s.Header.ProviderConfig)
+	if err != nil {
+		return err
+	}
+	bySlot := map[uint16][]uint32{}
+	for i, sl := range s.Slots {
+		if sl.State == layout.SlotActive {
+			bySlot[sl.Principal] = append(bySlot[sl.Principal], uint32(i))
+		}
+	}
+	var nums []int
+	for n := range pt.Keys {
+		nums = append(nums, int(n))
+	}
+	sort.Ints(nums)
+	failed := false
+	var reports []slotReport
+	for _, ni := range nums {
+		n := uint16(ni)
+		cfg := pt.Keys[n]
+		r := slotReport{Principal: n, Slots: len(bySlot[n]), Config: cfg, State: "unknown"}
+		var prov keys.Provider
+		if n == pt.Current {
+			prov, err = overrideProvider(ctx, c, path)
+		}
+		if prov == nil && err == nil {
+			prov, err = keys.Open(ctx, cfg)
+		}
+		if err != nil {
+			r.Error, r.Fix = err.Error(), fixFor(err)
+			failed = true
+			reports = append(reports, r)
+			continue
+		}
+		if err := prov.Check(ctx); err != nil {
+			r.State, r.Error, r.Fix = "not usable", err.Error(), fixFor(err)
+			failed = true
+		} else {
+			r.State = "active"
+		}
+		if verify && r.Error == "" {
+			for _, i := range bySlot[n] {
+				sl := s.Slots[i]
+				k, err := prov.Unwrap(ctx, keys.Wrapped{Nonce: sl.Nonce, Ciphertext: sl.Ciphertext, Tag: sl.Tag}, layout.WrapAAD(s.Header.UUID, i))
+				if err != nil {
+					r.Error, r.Fix = fmt.Sprintf("slot %d: %v", i, err), fixFor(err)
+					failed = true
+					break
+				}
+				k.Wipe()
+				r.Unwrapped++
+			}
+		}
+		prov.Close()
+		reports = append(reports, r)
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(map[string]any{"volume": path, "current": pt.Current, "principals": reports})
+	} else {
+		for _, r := range reports {
+			cur := ""
+			if r.Principal == pt.Current {
+				cur = " (current)"
+			}
+			fmt.Printf("principal key %d%s\n", r.Principal, cur)
+			fmt.Printf("  provider   %s\n", r.Config.Provider)
+			switch r.Config.Provider {
+			case "file":
+				fmt.Printf("  key file   %s (DEVELOPMENT ONLY)\n", r.Config.KeyFile)
+			case "kmip":
+				k := keys.KMIPSettingsFrom(r.Config)
+				fmt.Printf("  name       %s (id %s)\n  endpoints  %v\n  wrap       %s\n", k.Principal, k.KeyID, k.Endpoints, k.Wrap)
+			}
+			fmt.Printf("  state      %s\n  slots      %d", r.State, r.Slots)
+			if verify {
+				fmt.Printf(" (%d unwrapped)", r.Unwrapped)
+			}
+			fmt.Println()
+			if r.Error != "" {
+				fmt.Printf("  PROBLEM    %s\n  fix        %s\n", r.Error, r.Fix)
+			}
+		}
+	}
+	if failed {
+		return errors.New("key check failed (see above)")
+	}
+	if verify && !c.Bool("json") {
+		fmt.Println("all key slots unwrap: the volume opens with the keys available now")
+	}
+	return nil
+}
+
+func fixFor(err error) string {
+	switch {
+	case errors.Is(err, keys.ErrKMSUnreachable):
+		return "check the endpoints (--kmip-endpoint), the network path, and that the KMS runs"
+	case errors.Is(err, keys.ErrTLSServer):
+		return "point --kmip-ca at the CA that signed the KMS certificate, and use the name in it"
+	case errors.Is(err, keys.ErrTLSClient), errors.Is(err, keys.ErrClientCertExpired):
+		return "issue a client certificate the KMS trusts (--kmip-cert/--kmip-key)"
+	case errors.Is(err, keys.ErrPrincipalNotFound):
+		return "the KMS has no such key: restore it, or the volume is unreadable"
+	case errors.Is(err, keys.ErrPrincipalInactive):
+		return "activate the key in the KMS (if it was revoked by mistake) or restore it; then restart serve"
+	case errors.Is(err, keys.ErrWrongKey):
+		return "this is not the key that wrapped the volume's keys; find the right one"
+	case errors.Is(err, keys.ErrKMIPVersion):
+		return "upgrade the KMS to KMIP 1.4 or later"
+	}
+	return "see the error"
+}
+
+func rotatePrincipal(c *cli.Context) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	path := c.String("volume")
+	pt, err := readPrincipals(path)
+	if err != nil {
+		return err
+	}
+	var next keys.Config
+	create := c.Bool("create-principal-key")
+	if c.IsSet("key-provider") {
+		p, err := newProvider(ctx, c, true)
+		if err != nil {
+			return err
+		}
+		next = p.Config()
+		p.Close()
+	} else {
+		cur := pt.CurrentConfig()
+		switch cur.Provider {
+		case "kmip":
+			s := kmipSettingsFromFlags(c, keys.KMIPSettingsFrom(cur))
+			if c.String("principal-key") == "" {
+				return errors.New("rotate-principal: name the new key (--principal-key NAME)")
+			}
+			s.Principal, s.KeyID = c.String("principal-key"), ""
+			if c.IsSet("wrap") {
+				s.Wrap = c.String("wrap")
+			}
+			p, err := keys.OpenKMIP(ctx, s, create)
+			if err != nil {
+				return err
+			}
+			next = p.Config()
+			p.Close()
+			create = false
+		case "file":
+			if c.String("key-file") == "" {
+				return errors.New("rotate-principal: give the new key file (--key-file), or --key-provider kmip")
+			}
+			p, err := newProvider(ctx, c, true)
+			if err != nil {
+				return err
+			}
+			next = p.Config()
+			p.Close()
+		}
+	}
+	f, err := store.OpenFile(path, false)
+	if errors.Is(err, store.ErrLocked) {
+		// serve holds the volume: ask it to rotate.
+		h, err := readHeader(path)
+		if err != nil {
+			return err
+		}
+		sock := service.ControlPath("", h.UUID)
+		fmt.Fprintf(os.Stderr, "volume is served; rotating online through %s\n", sock)
+		if _, err := service.Ask(sock, service.ControlRequest{Op: "rotate-principal", Principal: next, Create: create}, 30*time.Minute); err != nil {
+			return fmt.Errorf("online rotation: %w", err)
+		}
+		fmt.Println("rotated: every data key is now wrapped by", describe(next))
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	v, err := volume.Open(ctx, f, volume.Options{})
+	if err != nil {
+		return explain(err)
+	}
+	p, err := service.OpenProvider(ctx, next, create)
+	if err != nil {
+		v.Close()
+		return err
+	}
+	err = v.RotatePrincipal(ctx, p, func(done, total uint64) {
+		fmt.Fprintf(os.Stderr, "\rrewrapping key slots: %d/%d", done, total)
+		if done == total {
+			fmt.Fprintln(os.Stderr)
+		}
+	})
+	if cerr := v.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Println("rotated: every data key is now wrapped by", describe(next))
+	return nil
+}
+
+func describe(c keys.Config) string {
+	if c.Provider == "kmip" {
+		return fmt.Sprintf("KMIP key %q", c.Principal)
+	}
+	return fmt.Sprintf("%s key %s", c.Provider, c.KeyFile)
+}
+
+func readHeader(path string) (*layout.Header, error) {
+	st, err := store.OpenFileNoLock(path)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	return volume.ReadHeader(st)
+}

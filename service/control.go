@@ -1,0 +1,165 @@
+package service
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tdeshim/tdeshim/keys"
+	"github.com/tdeshim/tdeshim/nbd"
+	"github.com/tdeshim/tdeshim/volume"
+)
+
+// The control socket lets tdeshim commands act on a volume that a running
+// serve holds (it keeps the volume locked): live status, online principal
+// rotation. One JSON request line, one JSON reply line. Mode 0600, root's
+// only: rotation names key files and KMS credentials.
+
+// DefaultControlDir is where serve puts control sockets.
+const DefaultControlDir = "/run/tdeshim"
+
+// ControlPath is the control socket of the volume with this UUID.
+func ControlPath(dir string, uuid [16]byte) string {
+	if dir == "" {
+		dir = DefaultControlDir
+		if d := os.Getenv("TDESHIM_CONTROL_DIR"); d != "" {
+			dir = d
+		}
+	}
+	return filepath.Join(dir, fmt.Sprintf("%x.ctl", uuid[:8]))
+}
+
+// ControlRequest is one command.
+type ControlRequest struct {
+	Op string `json:"op"` // "state" or "rotate-principal"
+	// rotate-principal: the new principal key's settings, and whether to
+	// create it in the KMS.
+	Principal keys.Config `json:"principal,omitempty"`
+	Create    bool        `json:"create,omitempty"`
+}
+
+// ControlReply is the answer.
+type ControlReply struct {
+	Error       string            `json:"error,omitempty"`
+	KMS         string            `json:"kms,omitempty"`
+	KMSChecked  time.Time         `json:"kms_checked_at,omitzero"`
+	Suspended   bool              `json:"suspended"`
+	Connections int               `json:"connections"`
+	Stats       map[string]uint64 `json:"stats,omitempty"`
+	Usage       map[uint32]uint64 `json:"blocks_by_slot,omitempty"`
+	Principal   keys.Config       `json:"principal"`
+}
+
+type control struct{ ln net.Listener }
+
+func (c *control) Close() error {
+	os.Remove(c.ln.Addr().String())
+	return c.ln.Close()
+}
+
+func startControl(ctx context.Context, cfg Config, vol *volume.Volume, srv *nbd.Server, h *Health, log *slog.Logger) (*control, error) {
+	path := ControlPath(cfg.ControlDir, vol.Header().UUID)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	os.Remove(path)
+	old := unix.Umask(0o177)
+	ln, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go handleControl(ctx, c, vol, srv, h, log)
+		}
+	}()
+	return &control{ln: ln}, nil
+}
+
+func handleControl(ctx context.Context, c net.Conn, vol *volume.Volume, srv *nbd.Server, h *Health, log *slog.Logger) {
+	defer c.Close()
+	var req ControlRequest
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err == nil {
+		err = json.Unmarshal(line, &req)
+	}
+	rep := ControlReply{}
+	switch {
+	case err != nil:
+		rep.Error = "bad request: " + err.Error()
+	case req.Op == "state":
+	case req.Op == "rotate-principal":
+		log.Info("rotating principal key online", "provider", req.Principal.Provider, "principal", req.Principal.Principal)
+		err = rotate(ctx, vol, req.Principal, req.Create)
+		if err != nil {
+			rep.Error = err.Error()
+		}
+	default:
+		rep.Error = fmt.Sprintf("unknown op %q", req.Op)
+	}
+	rep.KMS, rep.KMSChecked = h.get()
+	rep.Suspended = vol.Suspended()
+	rep.Connections = srv.Connections()
+	rep.Stats = vol.StatsSnapshot()
+	rep.Usage = vol.Usage()
+	if p := vol.Provider(); p != nil {
+		rep.Principal = p.Config()
+	}
+	json.NewEncoder(c).Encode(rep)
+}
+
+// OpenProvider opens a provider from settings; for KMIP, create makes and
+// activates the key if it does not exist.
+func OpenProvider(ctx context.Context, c keys.Config, create bool) (keys.Provider, error) {
+	if c.Provider == "kmip" {
+		return keys.OpenKMIP(ctx, keys.KMIPSettingsFrom(c), create)
+	}
+	return keys.Open(ctx, c)
+}
+
+func rotate(ctx context.Context, vol *volume.Volume, c keys.Config, create bool) error {
+	p, err := OpenProvider(ctx, c, create)
+	if err != nil {
+		return err
+	}
+	if err := vol.RotatePrincipal(ctx, p, nil); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Ask sends one request to the control socket at path.
+func Ask(path string, req ControlRequest, timeout time.Duration) (*ControlReply, error) {
+	c, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	b, _ := json.Marshal(req)
+	if _, err := c.Write(append(b, '\n')); err != nil {
+		return nil, err
+	}
+	var rep ControlReply
+	if err := json.NewDecoder(c).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if rep.Error != "" {
+		return &rep, errors.New(rep.Error)
+	}
+	return &rep, nil
+}
