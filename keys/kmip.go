@@ -134,7 +134,9 @@ func (p *KMIPProvider) connect(ctx context.Context) error {
 	opts := []kmipclient.Option{
 		kmipclient.WithRootCAFile(p.s.CA),
 		kmipclient.WithClientCertFiles(p.s.Cert, p.s.Key),
-		kmipclient.WithKmipVersions(kmip.V2_0, kmip.V1_4),
+		// 1.4 only: kmip-go v0.8.1 encodes 1.x payloads (a 2.0 Create lacks
+		// the Attributes structure), and below 1.4 it drops AAD and tags.
+		kmipclient.WithKmipVersions(kmip.V1_4),
 		kmipclient.WithMiddlewares(kmipclient.TimeoutMiddleware(p.s.Timeout)),
 	}
 	var last error
