@@ -45,6 +45,14 @@ printf '%-34s %12s %12s %8s\n' "metric" "tdeshim" "anchor" "ratio" | tee -a "$RE
 row "AES-XTS encrypt MB/s (vs openssl)" "$enc" "$ssl" "$(ratio "$enc" "$ssl")"
 row "AES-XTS decrypt MB/s (vs openssl)" "$dec" "$ssl" "$(ratio "$dec" "$ssl")"
 
+# ---- opening a volume with 10 000 wrapped data keys ----------------------
+log "open: 10 000 data keys, principal key in a KMIP server (dev server, loopback)"
+openb=$(go test ./volume -run '^$' -bench 'Open10kKeys' -benchtime 3x 2>/dev/null | awk '/s\/open/ { for (i = 1; i <= NF; i++) if ($(i+1) == "s/open") print $1, $i }')
+ol=$(awk '/local/ { printf "%.3f", $2 }' <<<"$openb")
+os_=$(awk '/server/ { printf "%.3f", $2 }' <<<"$openb")
+row "open 10k keys, wrap=local (s, goal)" "$ol" "1.000" "$(ratio "$ol" 1)"
+row "open 10k keys, wrap=server (s)" "$os_" "-" "-"
+
 # ---- servers --------------------------------------------------------------
 # The start functions set SOCK (not a subshell: pids must reach cleanup).
 start_tdeshim() { # $1 = name
