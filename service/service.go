@@ -41,6 +41,9 @@ type Config struct {
 	KMSCheckInterval time.Duration
 	// ControlDir holds the control socket (default /run/tdeshim).
 	ControlDir string
+	// VolatileCacheModel keeps writes in memory until a flush, so SIGKILL
+	// loses what a power cut would. For power-loss tests only.
+	VolatileCacheModel bool
 }
 
 // Run serves until ctx is cancelled, then drains in-flight requests,
@@ -61,11 +64,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := unix.Prctl(unix.PR_SET_IO_FLUSHER, 1, 0, 0, 0); err != nil {
 		log.Warn("PR_SET_IO_FLUSHER not set; under heavy memory pressure local writeback could stall (needs CAP_SYS_RESOURCE)", "err", err)
 	}
-	st, err := store.OpenFile(cfg.Volume, cfg.ReadOnly)
+	f, err := store.OpenFile(cfg.Volume, cfg.ReadOnly)
 	if err != nil {
 		return fmt.Errorf("serve: open %s: %w", cfg.Volume, err)
 	}
-	defer st.Close()
+	defer f.Close()
+	var st store.Store = f
+	if cfg.VolatileCacheModel {
+		log.Warn("UNSAFE: modelling a volatile write cache; unflushed writes are lost on kill (power-loss tests only)")
+		st = store.NewVolatile(f)
+	}
 	vol, err := openWithRetry(ctx, st, cfg, log)
 	if err != nil {
 		return fmt.Errorf("serve: %s: %w", cfg.Volume, err)
@@ -142,7 +150,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 // openWithRetry opens the volume; while the KMS is unreachable it retries
 // with backoff (and says so) rather than failing or serving anything.
-func openWithRetry(ctx context.Context, st *store.File, cfg Config, log *slog.Logger) (*volume.Volume, error) {
+func openWithRetry(ctx context.Context, st store.Store, cfg Config, log *slog.Logger) (*volume.Volume, error) {
 	delay := time.Second
 	for {
 		vol, err := volume.Open(ctx, st, volume.Options{ReadOnly: cfg.ReadOnly, Provider: cfg.Provider, Logger: log})

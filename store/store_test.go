@@ -71,3 +71,31 @@ func TestCrashKeepsSyncedAndLosesSomeUnsynced(t *testing.T) {
 		t.Fatalf("crash model never varied: lost=%d kept=%d", lost, kept)
 	}
 }
+
+func TestVolatileConformanceAndLoss(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vol")
+	f, err := store.CreateFile(path, 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := store.NewVolatile(f)
+	storetest.Run(t, v, func() store.Store {
+		g, _ := store.OpenFile(path, false)
+		return g
+	})
+	// Unsynced writes never reach the file.
+	g, _ := store.OpenFile(path, false)
+	w := store.NewVolatile(g)
+	w.WriteAt([]byte("lost"), 0)
+	raw := make([]byte, 4)
+	g.ReadAt(raw, 0)
+	if string(raw) == "lost" {
+		t.Fatal("unsynced write reached the file")
+	}
+	w.Sync()
+	g.ReadAt(raw, 0)
+	if string(raw) != "lost" {
+		t.Fatal("synced write did not reach the file")
+	}
+	g.Close()
+}

@@ -31,7 +31,7 @@ Typical life of a volume:
 
 What crosses the NBD socket is plaintext: keep it a unix socket (mode 0600)
 or loopback TCP.`,
-		Commands: withLogging(initCommand(), serveCommand(), statusCommand(), attachCommand(), detachCommand(), demoCommand(), keyCommand(), kmipDevServerCommand()),
+		Commands: withLogging(initCommand(), serveCommand(), statusCommand(), attachCommand(), detachCommand(), demoCommand(), keyCommand(), kmipDevServerCommand(), upCommand(), downCommand()),
 	}
 	stopProfile := startProfile()
 	err := app.Run(os.Args)

@@ -39,6 +39,7 @@ Exit status 0 after a clean shutdown.`,
 			&cli.BoolFlag{Name: "read-only", Usage: "refuse writes (EPERM)"},
 			&cli.BoolFlag{Name: "allow-remote-plaintext", Usage: "allow TCP on non-loopback addresses: blocks cross the network UNENCRYPTED"},
 			&cli.DurationFlag{Name: "kms-check-interval", Value: time.Minute, Usage: "check the principal key in the KMS this often; a revoked or destroyed key suspends the volume (0: never)", EnvVars: []string{"TDESHIM_KMS_CHECK_INTERVAL"}},
+			&cli.BoolFlag{Name: "unsafe-volatile-cache-model", Hidden: true, Usage: "power-loss tests: keep writes in memory until FLUSH"},
 			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "directory for the control socket (live status, online rotation)", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
 		}, kmipConnFlags()...),
 		Action: func(c *cli.Context) error {
@@ -56,6 +57,7 @@ Exit status 0 after a clean shutdown.`,
 				Provider:             prov,
 				KMSCheckInterval:     c.Duration("kms-check-interval"),
 				ControlDir:           c.String("control-dir"),
+				VolatileCacheModel:   c.Bool("unsafe-volatile-cache-model"),
 				Logger:               slog.Default(),
 				Ready: func([]string) {
 					if err := service.NotifySystemd("READY=1"); err != nil {
