@@ -23,7 +23,9 @@ lint:
 # nbdfuse + loop + ext4), a short run of every fuzz target, and a check
 # that no loop device or FUSE mount was leaked.
 test: deps lint
-	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout 20m ./...
+	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout 25m ./...
+	@echo "testcontainers variant (its own module; skips without a Docker engine):"
+	cd e2e/containers && $(GO) vet ./... && $(GO) test -count=1 -v ./...
 	$(MAKE) --no-print-directory fuzz-short
 	./scripts/check-leaks.sh
 
@@ -45,9 +47,12 @@ fuzz-short:
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=$(FUZZ_LONG)
 
-# Many more crash points than the unit test's default.
-crash-test:
+# Many more crash points than the unit test's default, and 20 kill/power-
+# loss cycles of PostgreSQL under pgbench each.
+PG_CRASH_CYCLES ?= 20
+crash-test: deps
 	TDESHIM_CRASH_ITERATIONS=$(CRASH_ITERATIONS) $(GO) test -count=1 -run Crash -v ./volume/
+	TDESHIM_E2E_REQUIRE=1 TDESHIM_PG_CRASH_CYCLES=$(PG_CRASH_CYCLES) $(GO) test -count=1 -timeout 60m -run 'PostgresSurvives' -v ./e2e/
 
 bench: deps build
 	./scripts/bench.sh

@@ -128,6 +128,56 @@ row "fio randread qd16 IOPS (vs nbdkit)" "$t2" "$k2" "$(ratio "$t2" "$k2")"
 row "fio randwrite qd1 IOPS (vs nbdkit)" "$t3" "$k3" "$(ratio "$t3" "$k3")"
 row "fio randwrite qd16 IOPS (vs nbdkit)" "$t4" "$k4" "$(ratio "$t4" "$k4")"
 
+# ---- pgbench: ext4 over nbdkit (anchor), over tdeshim, and plain disk ----
+PG_SCALE=${PG_SCALE:-20}
+PG_TIME=${PG_TIME:-60}
+[[ -n ${BENCH_QUICK:-} ]] && { PG_SCALE=5; PG_TIME=10; }
+PGBIN=/usr/lib/postgresql/15/bin
+pg_port=56900
+pgb_run() { # $1 = mount dir; writes "rwTPS rwP99 roTPS roP99" to $WORK/pg.out
+  local mnt=$1 data=$1/pgdata sock=$1/sock
+  pg_port=$((pg_port + 1))
+  mkdir -p "$sock"; chown postgres: "$mnt" "$sock"
+  runuser -u postgres -- "$PGBIN/initdb" -D "$data" -U postgres --auth=trust >/dev/null
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -w -l "$1/pg.log" -o "-p $pg_port -k $sock -c listen_addresses='' -c shared_buffers=128MB" start >/dev/null
+  local pgb=(runuser -u postgres -- pgbench -h "$sock" -p "$pg_port" -U postgres)
+  "${pgb[@]}" -i -q -s "$PG_SCALE" postgres >/dev/null 2>&1
+  local res=()
+  for mode in rw ro; do
+    local extra=() logdir=$WORK/pglog-$mode
+    [[ $mode == ro ]] && extra=(-S)
+    rm -rf "$logdir"; mkdir -p "$logdir"; chown postgres: "$logdir"
+    local out
+    out=$(cd "$logdir" && "${pgb[@]}" -c 2 -j 2 -T "$PG_TIME" -l --sampling-rate=0.2 "${extra[@]}" postgres 2>&1)
+    res+=("$(awk '/^tps = / { printf "%.0f", $3 }' <<<"$out")")
+    res+=("$(cat "$logdir"/pgbench_log.* | awk '{ print $3 }' | sort -n | awk '{ a[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.2f", a[i] / 1000 }')")
+  done
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+  echo "${res[*]}" >"$WORK/pg.out"
+}
+pg_on_socket() { # $1 = socket, $2 = name
+  local dev mnt=$WORK/$2.pgmnt
+  dev=$("$BIN" attach --socket "$1" --via fuse-loop --mount-dir "$WORK/$2.pgfuse" </dev/null)
+  devs+=("$dev")
+  mkfs.ext4 -q -F -b 4096 "$dev"
+  mkdir -p "$mnt"; mount -o nodelalloc,discard "$dev" "$mnt"; mnts+=("$mnt")
+  pgb_run "$mnt"
+  umount "$mnt"; unset 'mnts[-1]'
+  "$BIN" detach "$dev"; unset 'devs[-1]'
+}
+if [[ -x $PGBIN/initdb ]]; then
+  log "pgbench scale $PG_SCALE, 2 clients, ${PG_TIME}s, read-write and -S"
+  start_nbdkit pg;  pg_on_socket "$SOCK" nbdkit;  read -r krw krw99 kro kro99 <"$WORK/pg.out"; stop_last
+  start_tdeshim pg; pg_on_socket "$SOCK" tdeshim; read -r trw trw99 tro tro99 <"$WORK/pg.out"; stop_last
+  mkdir -p "$WORK/plain"; pgb_run "$WORK/plain"; read -r prw prw99 pro pro99 <"$WORK/pg.out"
+  row "pgbench rw TPS (vs nbdkit)" "$trw" "$krw" "$(ratio "$trw" "$krw")"
+  row "pgbench rw p99 ms (vs nbdkit)" "$trw99" "$krw99" "$(ratio "$trw99" "$krw99")"
+  row "pgbench -S TPS (vs nbdkit)" "$tro" "$kro" "$(ratio "$tro" "$kro")"
+  row "pgbench -S p99 ms (vs nbdkit)" "$tro99" "$kro99" "$(ratio "$tro99" "$kro99")"
+  row "pgbench rw TPS, plain disk" "$prw" "-" "-"
+  row "pgbench -S TPS, plain disk" "$pro" "-" "-"
+fi
+
 echo
 echo "machine: $(nproc) cores, $(uname -r), $(date -u +%FT%TZ)" | tee -a "$RES"
 echo "results in $RES"

@@ -32,3 +32,4 @@ fi
 # Debian starts a default cluster on install; tdeshim runs its own.
 if systemctl is-active --quiet postgresql 2>/dev/null; then systemctl stop postgresql || true; fi
 go mod download
+(cd e2e/containers && go mod download)
