@@ -3,6 +3,8 @@ module github.com/tdeshim/tdeshim
 go 1.26.8
 
 require (
+	github.com/Merovius/nbd v0.0.0-20240812113926-fd65a54c9949
+	github.com/ovh/kmip-go v0.8.1
 	github.com/pojntfx/go-nbd v0.3.2
 	github.com/urfave/cli/v2 v2.27.5
 	golang.org/x/crypto v0.31.0
@@ -11,7 +13,13 @@ require (
 
 require (
 	github.com/cpuguy83/go-md2man/v2 v2.0.5 // indirect
-	github.com/ovh/kmip-go v0.8.1 // indirect
+	github.com/google/go-cmp v0.5.9 // indirect
+	github.com/josharian/native v1.1.0 // indirect
+	github.com/mdlayher/genetlink v1.3.2 // indirect
+	github.com/mdlayher/netlink v1.7.2 // indirect
+	github.com/mdlayher/socket v0.4.1 // indirect
 	github.com/russross/blackfriday/v2 v2.1.0 // indirect
 	github.com/xrash/smetrics v0.0.0-20240521201337-686a1a2994c1 // indirect
+	golang.org/x/net v0.21.0 // indirect
+	golang.org/x/sync v0.2.0 // indirect
 )

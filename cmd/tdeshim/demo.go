@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -23,7 +24,8 @@ func demoCommand() *cli.Command {
 		Name:  "demo",
 		Usage: "bring up PostgreSQL 15 on an encrypted volume and show ciphertext on disk",
 		Description: `As root on a fresh machine, with no flags:
-  1. creates a development principal key and a 2 GiB volume,
+  1. starts a development KMIP server and creates a 2 GiB volume whose
+     principal key lives there,
   2. serves it and attaches it as a block device (kernel NBD, or
      nbdfuse + loop where the nbd module is missing),
   3. makes ext4 (nodelalloc,discard), runs initdb and PostgreSQL 15 on it,
@@ -124,6 +126,44 @@ Stop everything:
 	return nil
 }
 
+// startKMS runs `tdeshim kmip-dev-server` as a child in its own session
+// (it must outlive the demo with --keep) and waits until it listens.
+func (d *demo) startKMS(dir string) (string, error) {
+	d.step("start a development KMIP server (mutual TLS, generated certificates; NOT for production)")
+	addr := "127.0.0.1:15696"
+	if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
+		addr = ln.Addr().String()
+		ln.Close()
+	}
+	fmt.Printf("    $ %s kmip-dev-server --dir %s --listen %s &\n", d.self, dir, addr)
+	logf, err := os.Create(filepath.Join(d.dir, "kms.log"))
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.Command(d.self, "kmip-dev-server", "--dir", dir, "--listen", addr)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	os.WriteFile(filepath.Join(d.dir, "kms.pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
+	d.undo = append(d.undo, func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		os.Remove(filepath.Join(d.dir, "kms.pid"))
+		logf.Close()
+	})
+	for i := 0; i < 200; i++ {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return addr, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(logf.Name())
+	return "", fmt.Errorf("demo: KMIP dev server did not start:\n%s", b)
+}
+
 func (d *demo) prerequisites() error {
 	if _, err := os.Stat(filepath.Join(pgBin, "initdb")); err != nil {
 		fmt.Println("PostgreSQL 15 is not installed; installing Debian's postgresql package")
@@ -145,10 +185,18 @@ func (d *demo) prerequisites() error {
 }
 
 func (d *demo) up() error {
-	vol, key, sock := filepath.Join(d.dir, "pg.vol"), filepath.Join(d.dir, "dev-principal.key"), filepath.Join(d.dir, "pg.sock")
+	vol, sock := filepath.Join(d.dir, "pg.vol"), filepath.Join(d.dir, "pg.sock")
 	mnt := filepath.Join(d.dir, "mnt")
-	d.step("create an encrypted volume (development key file; production uses KMIP)")
-	if _, err := d.run(d.self, "init", "--volume", vol, "--size", "2G", "--key-provider", "file", "--key-file", key); err != nil {
+	kmsDir := filepath.Join(d.dir, "kms")
+	kmsAddr, err := d.startKMS(kmsDir)
+	if err != nil {
+		return err
+	}
+	d.step("create an encrypted volume; its principal key lives in the (development) KMIP server")
+	if _, err := d.run(d.self, "init", "--volume", vol, "--size", "2G", "--key-provider", "kmip",
+		"--kmip-endpoint", kmsAddr, "--kmip-ca", filepath.Join(kmsDir, "ca.pem"),
+		"--kmip-cert", filepath.Join(kmsDir, "client.pem"), "--kmip-key", filepath.Join(kmsDir, "client.key"),
+		"--principal-key", "demo-principal", "--create-principal-key"); err != nil {
 		return err
 	}
 	d.step("serve it over NBD on a unix socket (mode 0600)")
@@ -368,11 +416,13 @@ func (d *demo) stopKept() error {
 			d.run(d.self, "detach", dev)
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(d.dir, "serve.pid")); err == nil {
-		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
-			syscall.Kill(pid, syscall.SIGTERM)
-			for i := 0; i < 300 && syscall.Kill(pid, 0) == nil; i++ {
-				time.Sleep(100 * time.Millisecond)
+	for _, pf := range []string{"serve.pid", "kms.pid"} {
+		if b, err := os.ReadFile(filepath.Join(d.dir, pf)); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(pid, syscall.SIGTERM)
+				for i := 0; i < 300 && syscall.Kill(pid, 0) == nil; i++ {
+					time.Sleep(100 * time.Millisecond)
+				}
 			}
 		}
 	}
