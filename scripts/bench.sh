@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/bin/tdeshim
 WORK=$(mktemp -d /var/tmp/tdeshim-bench.XXXXXX)
+chmod 755 "$WORK" # PostgreSQL (user postgres) runs below it
 OUT=bench-results
 mkdir -p "$OUT"
 RES=$OUT/latest.txt
@@ -32,47 +33,56 @@ cleanup() {
 trap cleanup EXIT
 
 log() { echo "== $*" >&2; }
+# BENCH_ONLY="crypto open copy fio pg" picks sections (default: all).
+want() { [[ -z ${BENCH_ONLY:-} || " $BENCH_ONLY " == *" $1 "* ]]; }
 row() { printf '%-34s %12s %12s %8s\n' "$1" "$2" "$3" "$4" | tee -a "$RES"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
+printf '%-34s %12s %12s %8s\n' "metric" "tdeshim" "anchor" "ratio" | tee -a "$RES"
+
 # ---- crypto ---------------------------------------------------------------
+if want crypto; then
 log "crypto: tdeshim engine vs openssl speed (1 core, 4 KiB)"
 ssl=$(openssl speed -evp aes-256-xts -bytes 4096 -seconds 3 2>/dev/null | awk '/^AES-256-XTS/ { sub(/k$/, "", $2); printf "%.0f", $2 * 1000 / 1e6 }')
 gobench=$(go test ./crypto -run '^$' -bench 'Benchmark(En|De)crypt4K' -benchtime 2s -cpu 1 | awk '/MB\/s/ { print $1, $(NF-1) }')
 enc=$(awk '/Encrypt/ { printf "%.0f", $2 }' <<<"$gobench")
 dec=$(awk '/Decrypt/ { printf "%.0f", $2 }' <<<"$gobench")
-printf '%-34s %12s %12s %8s\n' "metric" "tdeshim" "anchor" "ratio" | tee -a "$RES"
 row "AES-XTS encrypt MB/s (vs openssl)" "$enc" "$ssl" "$(ratio "$enc" "$ssl")"
 row "AES-XTS decrypt MB/s (vs openssl)" "$dec" "$ssl" "$(ratio "$dec" "$ssl")"
+fi
 
 # ---- opening a volume with 10 000 wrapped data keys ----------------------
+if want open; then
 log "open: 10 000 data keys, principal key in a KMIP server (dev server, loopback)"
 openb=$(go test ./volume -run '^$' -bench 'Open10kKeys' -benchtime 3x 2>/dev/null | awk '/s\/open/ { for (i = 1; i <= NF; i++) if ($(i+1) == "s/open") print $1, $i }')
 ol=$(awk '/local/ { printf "%.3f", $2 }' <<<"$openb")
 os_=$(awk '/server/ { printf "%.3f", $2 }' <<<"$openb")
 row "open 10k keys, wrap=local (s, goal)" "$ol" "1.000" "$(ratio "$ol" 1)"
 row "open 10k keys, wrap=server (s)" "$os_" "-" "-"
+fi
 
 # ---- servers --------------------------------------------------------------
 # The start functions set SOCK (not a subshell: pids must reach cleanup).
 start_tdeshim() { # $1 = name
   local vol=$WORK/$1.vol
-  SOCK=$WORK/$1.sock
+  SOCK=$WORK/$1-tdeshim.sock
   "$BIN" init --volume "$vol" --size 2G --key-file "$WORK/$1.key" >/dev/null 2>&1
   "$BIN" serve --volume "$vol" --listen "unix:$SOCK" --log-level warn >"$WORK/$1.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 200); do [[ -S $SOCK ]] && return; sleep 0.05; done
+  for _ in $(seq 200); do nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 && return; sleep 0.05; done
   echo "tdeshim serve did not start:" >&2; cat "$WORK/$1.log" >&2; exit 1
 }
 start_nbdkit() { # $1 = name
   local f=$WORK/$1.raw
-  SOCK=$WORK/$1.sock
+  SOCK=$WORK/$1-nbdkit.sock
   truncate -s 2G "$f"
   # nbdkit daemonizes with -P; Debian's stops serving if its parent dies
   # otherwise.
   nbdkit -U "$SOCK" -P "$WORK/$1.pid" file file="$f" </dev/null >/dev/null 2>&1
   for _ in $(seq 200); do [[ -s $WORK/$1.pid ]] && break; sleep 0.05; done
   pids+=("$(cat "$WORK/$1.pid")")
+  for _ in $(seq 200); do nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "nbdkit did not start" >&2; exit 1
 }
 stop_last() {
   local p=${pids[-1]}
@@ -84,6 +94,7 @@ stop_last() {
 secs() { local s=$(date +%s.%N); "$@" >/dev/null 2>&1; awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }'; }
 median3() { tr ' ' '\n' <<<"$*" | sort -n | sed -n 2p; }
 
+if want copy; then
 log "nbdcopy: $COPY_SIZE write+flush and read"
 src=$WORK/random.bin
 head -c "$COPY_SIZE" /dev/urandom >"$src"
@@ -100,6 +111,7 @@ start_tdeshim copy; read -r tw tr_ < <(copy_bench "$SOCK"); stop_last
 start_nbdkit copy;  read -r kw kr < <(copy_bench "$SOCK"); stop_last
 row "nbdcopy write MB/s (vs nbdkit)" "$tw" "$kw" "$(ratio "$tw" "$kw")"
 row "nbdcopy read MB/s (vs nbdkit)" "$tr_" "$kr" "$(ratio "$tr_" "$kr")"
+fi
 
 # ---- fio over nbdfuse + loop + ext4 ----------------------------------------
 fio_bench() { # $1 = socket, $2 = name; writes 4 IOPS figures to $WORK/fio.out
@@ -120,6 +132,7 @@ fio_bench() { # $1 = socket, $2 = name; writes 4 IOPS figures to $WORK/fio.out
   "$BIN" detach "$dev"; unset 'devs[-1]'
   echo "${out[*]}" >"$WORK/fio.out"
 }
+if want fio; then
 log "fio 4k random, iodepth 1/16, ${FIO_TIME}s each, ext4 over nbdfuse+loop"
 start_tdeshim fio; fio_bench "$SOCK" tdeshim; read -r t1 t2 t3 t4 <"$WORK/fio.out"; stop_last
 start_nbdkit fio;  fio_bench "$SOCK" nbdkit;  read -r k1 k2 k3 k4 <"$WORK/fio.out"; stop_last
@@ -127,6 +140,7 @@ row "fio randread qd1 IOPS (vs nbdkit)" "$t1" "$k1" "$(ratio "$t1" "$k1")"
 row "fio randread qd16 IOPS (vs nbdkit)" "$t2" "$k2" "$(ratio "$t2" "$k2")"
 row "fio randwrite qd1 IOPS (vs nbdkit)" "$t3" "$k3" "$(ratio "$t3" "$k3")"
 row "fio randwrite qd16 IOPS (vs nbdkit)" "$t4" "$k4" "$(ratio "$t4" "$k4")"
+fi
 
 # ---- pgbench: ext4 over nbdkit (anchor), over tdeshim, and plain disk ----
 PG_SCALE=${PG_SCALE:-20}
@@ -165,7 +179,7 @@ pg_on_socket() { # $1 = socket, $2 = name
   umount "$mnt"; unset 'mnts[-1]'
   "$BIN" detach "$dev"; unset 'devs[-1]'
 }
-if [[ -x $PGBIN/initdb ]]; then
+if want pg && [[ -x $PGBIN/initdb ]]; then
   log "pgbench scale $PG_SCALE, 2 clients, ${PG_TIME}s, read-write and -S"
   start_nbdkit pg;  pg_on_socket "$SOCK" nbdkit;  read -r krw krw99 kro kro99 <"$WORK/pg.out"; stop_last
   start_tdeshim pg; pg_on_socket "$SOCK" tdeshim; read -r trw trw99 tro tro99 <"$WORK/pg.out"; stop_last
