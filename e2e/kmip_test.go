@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -76,18 +77,63 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
-// pyKMS starts PyKMIP's server (Debian python3-pykmip): an independent
-// KMIP implementation, with ECDSA P-256 certificates, TLS1.2 suite,
-// client auth, INFO logging (DEBUG would log key material).
+// pyKMS starts PyKMIP's server (Debian python3-pykmip) for one test.
 func pyKMS(t *testing.T) *kms {
 	need(t, "pykmip-server")
-	dir := t.TempDir()
-	certs, err := kmipdev.EnsureCerts(dir)
+	k, err := startPyKMIP(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(k.stop)
+	return k
+}
+
+var (
+	sharedOnce sync.Once
+	sharedKMS  *kms
+	sharedErr  error
+	sharedDir  string
+)
+
+// sharedPyKMS is one PyKMIP server for all PostgreSQL tests of this run,
+// stopped by TestMain.
+func sharedPyKMS(t *testing.T) *kms {
+	need(t, "pykmip-server")
+	sharedOnce.Do(func() {
+		sharedDir, sharedErr = os.MkdirTemp("", "tdeshim-pykmip")
+		if sharedErr == nil {
+			sharedKMS, sharedErr = startPyKMIP(sharedDir)
+		}
+	})
+	if sharedErr != nil {
+		t.Fatal(sharedErr)
+	}
+	return sharedKMS
+}
+
+func stopSharedKMS() {
+	if sharedKMS != nil {
+		sharedKMS.stop()
+	}
+	if sharedDir != "" {
+		os.RemoveAll(sharedDir)
+	}
+}
+
+// startPyKMIP runs pykmip-server with ECDSA P-256 certificates, the TLS1.2
+// suite, client auth and INFO logging (DEBUG would log key material).
+func startPyKMIP(dir string) (*kms, error) {
+	certs, err := kmipdev.EnsureCerts(dir)
+	if err != nil {
+		return nil, err
+	}
 	os.MkdirAll(filepath.Join(dir, "policy"), 0o700)
-	addr := freePort(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	addr := ln.Addr().String()
+	ln.Close()
 	host, port, _ := net.SplitHostPort(addr)
 	conf := fmt.Sprintf(`[server]
 hostname=%s
@@ -106,7 +152,7 @@ database_path=%s
 	cmd := exec.Command("pykmip-server", "-f", cfg, "-l", filepath.Join(dir, "server.log"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	done := make(chan struct{})
 	go func() { cmd.Wait(); close(done) }()
@@ -120,19 +166,18 @@ database_path=%s
 			<-done
 		}
 	}
-	t.Cleanup(k.stop)
 	for i := 0; ; i++ {
 		if c, err := net.Dial("tcp", addr); err == nil {
 			c.Close()
-			break
+			return k, nil
 		}
 		if i > 300 {
+			k.stop()
 			b, _ := os.ReadFile(filepath.Join(dir, "server.log"))
-			t.Fatalf("pykmip-server did not listen on %s:\n%s", addr, b)
+			return nil, fmt.Errorf("pykmip-server did not listen on %s:\n%s", addr, b)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return k
 }
 
 func TestKMIPLifecycleDevServer(t *testing.T) { kmipLifecycle(t, devKMS(t), keys.WrapServer) }

@@ -54,7 +54,10 @@ type stack struct {
 func newStack(t *testing.T, dir, name string, serveArgs ...string) *stack {
 	t.Helper()
 	s := &stack{name: name, vol: filepath.Join(dir, name+".vol"), mnt: filepath.Join(dir, name+".mnt"), runDir: filepath.Join(dir, "run"), serveArgs: serveArgs}
-	mustRun(t, time.Minute, tdeshimBin, "init", "--volume", s.vol, "--size", "2G", "--key-file", filepath.Join(dir, name+".key"))
+	// Keys from an independent KMIP server (PyKMIP), as in production.
+	k := sharedPyKMS(t)
+	mustRun(t, time.Minute, tdeshimBin, append([]string{"init", "--volume", s.vol, "--size", "2G", "--key-provider", "kmip",
+		"--principal-key", fmt.Sprintf("%s-%d", name, time.Now().UnixNano()), "--create-principal-key"}, k.flags()...)...)
 	s.up(t)
 	t.Cleanup(func() { s.forceDown(t) })
 	return s
