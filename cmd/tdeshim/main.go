@@ -24,10 +24,17 @@ unchanged on ext4 on that device; every block that reaches the backing file
 or disk is AES-256-XTS ciphertext, and the data keys are wrapped by a
 principal key held by a key provider (a KMIP key manager in production).
 
-Typical life of a volume:
-   tdeshim init   --volume /srv/pg.vol --size 20G --key-provider file --key-file /etc/tdeshim/dev.key
-   tdeshim serve  --volume /srv/pg.vol --listen unix:/run/tdeshim/pg.sock
+Typical life of a volume (principal key in a KMIP server):
+   tdeshim init   --volume /srv/pg.vol --size 20G --key-provider kmip \
+                  --kmip-endpoint kms:5696 --kmip-ca ca.pem --kmip-cert c.pem --kmip-key c.key \
+                  --principal-key pg-main --create-principal-key
+   tdeshim up     --volume /srv/pg.vol --mount /var/lib/postgresql/15/main --owner postgres
    tdeshim status --volume /srv/pg.vol
+   tdeshim key rotate-principal --volume /srv/pg.vol --principal-key pg-next --create-principal-key
+   tdeshim down   --mount /var/lib/postgresql/15/main
+
+Try everything on one machine, as root: tdeshim demo.
+Without a KMS: --key-provider file --key-file PATH (development only).
 
 What crosses the NBD socket is plaintext: keep it a unix socket (mode 0600)
 or loopback TCP.`,
