@@ -43,17 +43,7 @@ func (c *Crash) ReadAt(p []byte, off int64) (int, error) {
 		return 0, fmt.Errorf("crash store: read [%d,+%d) beyond %d", off, len(p), len(c.stable))
 	}
 	copy(p, c.stable[off:])
-	for _, o := range c.pending {
-		lo, hi := max(off, o.off), min(off+int64(len(p)), o.off+o.n)
-		if lo >= hi {
-			continue
-		}
-		if o.data == nil {
-			clear(p[lo-off : hi-off])
-		} else {
-			copy(p[lo-off:hi-off], o.data[lo-o.off:hi-o.off])
-		}
-	}
+	overlay(p, off, c.pending)
 	return len(p), nil
 }
 
@@ -93,13 +83,29 @@ func (c *Crash) Sync() error {
 	return nil
 }
 
-func apply(dst []byte, o op, lo, hi int64) {
-	if o.data == nil {
-		clear(dst[lo:hi])
-	} else {
-		copy(dst[lo:hi], o.data[lo-o.off:hi-o.off])
+// overlay lays the cached ops, in order, over p (read at off): what a
+// reader sees of a store with a write cache.
+func overlay(p []byte, off int64, ops []op) {
+	for _, o := range ops {
+		lo, hi := max(off, o.off), min(off+int64(len(p)), o.off+o.n)
+		if lo < hi {
+			applyAt(p[lo-off:hi-off], o, lo, hi)
+		}
 	}
 }
+
+// applyAt writes op o's bytes for the absolute range [lo, hi) into dst,
+// which starts at lo.
+func applyAt(dst []byte, o op, lo, hi int64) {
+	if o.data == nil {
+		clear(dst[:hi-lo])
+	} else {
+		copy(dst[:hi-lo], o.data[lo-o.off:hi-o.off])
+	}
+}
+
+// apply writes op o's bytes for [lo, hi) into the whole image dst.
+func apply(dst []byte, o op, lo, hi int64) { applyAt(dst[lo:hi], o, lo, hi) }
 
 func (c *Crash) Size() int64 { return int64(len(c.stable)) }
 

@@ -23,17 +23,7 @@ func (v *Volatile) ReadAt(p []byte, off int64) (int, error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	for _, o := range v.pending {
-		lo, hi := max(off, o.off), min(off+int64(len(p)), o.off+o.n)
-		if lo >= hi {
-			continue
-		}
-		if o.data == nil {
-			clear(p[lo-off : hi-off])
-		} else {
-			copy(p[lo-off:hi-off], o.data[lo-o.off:hi-o.off])
-		}
-	}
+	overlay(p, off, v.pending)
 	return n, nil
 }
 
