@@ -20,10 +20,13 @@ lint:
 	$(GO) vet ./...
 
 # Everything CI runs: lint, unit and end-to-end tests (real NBD clients,
-# nbdfuse + loop + ext4), a short run of every fuzz target, and a check
-# that no loop device or FUSE mount was leaked.
+# nbdfuse + loop + ext4, PyKMIP, PostgreSQL 15), the concurrent packages
+# again under the race detector, the testcontainers variant (skips without
+# Docker), a short run of every fuzz target, and a check that no loop
+# device, FUSE mount or process was leaked.
 test: deps lint
 	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout 25m ./...
+	$(GO) test -race -count=1 ./volume/ ./nbd/ ./store/
 	@echo "testcontainers variant (its own module; skips without a Docker engine):"
 	cd e2e/containers && $(GO) vet ./... && $(GO) test -count=1 -v ./...
 	$(MAKE) --no-print-directory fuzz-short

@@ -32,6 +32,7 @@ type conn struct {
 	inflight sync.WaitGroup
 	active   atomic.Int32 // requests running on their own goroutine
 	r        io.Reader    // request stream: nc, or a blocking dup of its fd
+	rfdMu    sync.Mutex   // guards rfd against close/shutdown races
 	rfd      int          // that dup, or -1
 }
 
@@ -57,9 +58,11 @@ func (c *conn) stop() {
 	c.stopping.Store(true)
 	// Unblock the reader; it then drains and disconnects.
 	c.nc.SetReadDeadline(time.Now())
+	c.rfdMu.Lock()
 	if c.rfd >= 0 {
 		unix.Shutdown(c.rfd, unix.SHUT_RD)
 	}
+	c.rfdMu.Unlock()
 }
 
 // blockingReader reads requests with plain blocking read(2) calls on a
@@ -120,15 +123,22 @@ func (c *conn) serve() {
 		return
 	}
 	c.log.Debug("client attached", "structured", c.sess.structured, "block_status", c.sess.metaAlloc)
+	c.rfdMu.Lock()
 	c.useBlockingReads()
 	if c.rfd >= 0 {
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
-		defer unix.Close(c.rfd)
+		defer func() {
+			c.rfdMu.Lock()
+			unix.Close(c.rfd)
+			c.rfd = -1
+			c.rfdMu.Unlock()
+		}()
 		if c.stopping.Load() {
 			unix.Shutdown(c.rfd, unix.SHUT_RD)
 		}
 	}
+	c.rfdMu.Unlock()
 	sem := make(chan struct{}, c.srv.opt.MaxInFlight)
 	defer c.inflight.Wait()
 	hdr := make([]byte, requestHeaderSize)
@@ -182,7 +192,7 @@ func (c *conn) serve() {
 		// cross-thread wake-up, which at queue depth 1 is most of the
 		// latency. Anything else, or anything while others run, gets its
 		// own goroutine so slow requests (FLUSH) never hold up others.
-		if c.active.Load() == 0 && (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMax {
+		if c.active.Load() == 0 && (r.typ == cmdRead || r.typ == cmdWrite) && r.flags&cfFUA == 0 && r.length <= inlineMax {
 			c.handle(r)
 			continue
 		}
