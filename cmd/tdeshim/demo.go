@@ -418,7 +418,7 @@ func (d *demo) stopKept() error {
 	}
 	for _, pf := range []string{"serve.pid", "kms.pid"} {
 		if b, err := os.ReadFile(filepath.Join(d.dir, pf)); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && isTdeshimProcess(pid) {
 				syscall.Kill(pid, syscall.SIGTERM)
 				for i := 0; i < 300 && syscall.Kill(pid, 0) == nil; i++ {
 					time.Sleep(100 * time.Millisecond)

@@ -244,7 +244,7 @@ func runDown(c *cli.Context) error {
 		}
 	}
 	detachDev(st.Device)
-	if st.PID > 0 && syscall.Kill(st.PID, 0) == nil {
+	if st.PID > 0 && isTdeshimProcess(st.PID) {
 		syscall.Kill(st.PID, syscall.SIGTERM)
 		for i := 0; i < 600 && syscall.Kill(st.PID, 0) == nil; i++ {
 			time.Sleep(50 * time.Millisecond)
@@ -283,4 +283,15 @@ func tail(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// isTdeshimProcess checks /proc/PID/cmdline before a signal: after a
+// reboot a stale state file's PID may belong to anything.
+func isTdeshimProcess(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	return len(args) > 1 && strings.Contains(filepath.Base(args[0]), "tdeshim")
 }
