@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -35,6 +36,23 @@ type conn struct {
 	rfdMu    sync.Mutex   // guards rfd against close/shutdown races
 	rfd      int          // that dup, or -1
 }
+
+// inlineOK says whether r may run on the reader goroutine when nothing
+// else of this connection is running: small reads and writes, and FLUSH
+// (a client that flushes with nothing else in flight is waiting for it,
+// as PostgreSQL's WAL fsync is).
+func (c *conn) inlineOK(r *request) bool {
+	switch r.typ {
+	case cmdRead, cmdWrite:
+		return r.flags&cfFUA == 0 && r.length <= inlineMax
+	case cmdFlush:
+		return inlineFlush
+	}
+	return false
+}
+
+// inlineFlush: see inlineOK; a variable so benchmarks can compare.
+var inlineFlush = os.Getenv("TDESHIM_NO_INLINE_FLUSH") == ""
 
 // coalesceMax is the largest reply copied into one buffer and sent with a
 // single write rather than writev.
@@ -192,7 +210,7 @@ func (c *conn) serve() {
 		// cross-thread wake-up, which at queue depth 1 is most of the
 		// latency. Anything else, or anything while others run, gets its
 		// own goroutine so slow requests (FLUSH) never hold up others.
-		if c.active.Load() == 0 && (r.typ == cmdRead || r.typ == cmdWrite) && r.flags&cfFUA == 0 && r.length <= inlineMax {
+		if c.active.Load() == 0 && c.inlineOK(r) {
 			c.handle(r)
 			continue
 		}
