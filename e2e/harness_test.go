@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tdeshim/tdeshim/internal/scan"
 )
 
 var tdeshimBin string
@@ -184,32 +186,15 @@ func (s *server) kill() {
 // scanFor fails the test if any canary occurs in the file at path.
 func scanFor(t *testing.T, path string, canaries ...string) {
 	t.Helper()
-	f, err := os.Open(path)
+	needles := make([][]byte, len(canaries))
+	for i, c := range canaries {
+		needles[i] = []byte(c)
+	}
+	w, at, err := scan.First(path, needles...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	const chunk = 8 << 20
-	maxLen := 0
-	for _, c := range canaries {
-		maxLen = max(maxLen, len(c))
-	}
-	buf := make([]byte, chunk+maxLen)
-	var off int64
-	carry := 0
-	for {
-		n, err := f.ReadAt(buf[carry:], off)
-		data := buf[:carry+n]
-		for _, c := range canaries {
-			if i := bytes.Index(data, []byte(c)); i >= 0 {
-				t.Fatalf("canary %q found in plaintext in %s near offset %d", c, path, off-int64(carry)+int64(i))
-			}
-		}
-		if err != nil || n == 0 {
-			return
-		}
-		off += int64(n)
-		carry = min(maxLen, len(data))
-		copy(buf, data[len(data)-carry:])
+	if w >= 0 {
+		t.Fatalf("canary %q found in plaintext in %s at offset %d", canaries[w], path, at)
 	}
 }

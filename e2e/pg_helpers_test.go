@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -14,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tdeshim/tdeshim/internal/scan"
 )
 
 const pgBin = "/usr/lib/postgresql/15/bin"
@@ -221,22 +222,9 @@ func (p *pg) amcheck(t *testing.T) {
 
 // countInFile counts occurrences of s in the file (or device) at path.
 func countInFile(t *testing.T, path, s string) int {
-	f, err := os.Open(path)
+	n, err := scan.Count(path, []byte(s))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	buf := make([]byte, 8<<20+len(s))
-	n, carry, off := 0, 0, int64(0)
-	for {
-		m, err := f.ReadAt(buf[carry:], off)
-		data := buf[:carry+m]
-		n += bytes.Count(data, []byte(s))
-		if err != nil || m == 0 {
-			return n
-		}
-		off += int64(m)
-		carry = min(len(s)-1, len(data))
-		copy(buf, data[len(data)-carry:])
-	}
+	return n
 }

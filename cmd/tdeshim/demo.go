@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/tdeshim/tdeshim/internal/scan"
 )
 
 const pgBin = "/usr/lib/postgresql/15/bin"
@@ -362,27 +364,13 @@ func shellQuote(args []string) string {
 	return strings.Join(out, " ")
 }
 
-// countIn counts occurrences of s in the file at path.
+// countIn counts occurrences of s in the file at path (-1 if unreadable).
 func countIn(path, s string) int {
-	f, err := os.Open(path)
+	n, err := scan.Count(path, []byte(s))
 	if err != nil {
 		return -1
 	}
-	defer f.Close()
-	buf := make([]byte, 8<<20+len(s))
-	n, carry, off := 0, 0, int64(0)
-	for {
-		m, err := f.ReadAt(buf[carry:], off)
-		data := buf[:carry+m]
-		n += bytes.Count(data, []byte(s))
-		if err != nil || m == 0 {
-			return n
-		}
-		off += int64(m)
-		// Keep a tail shorter than s so a match across chunks counts once.
-		carry = min(len(s)-1, len(data))
-		copy(buf, data[len(data)-carry:])
-	}
+	return n
 }
 
 func indent(s string) string {
