@@ -297,22 +297,25 @@ func gcm(key []byte) (cipher.AEAD, error) {
 	return cipher.NewGCM(b)
 }
 
-func checkGCM(p *kmip.CryptographicParameters) error {
+// gcmKey checks the parameters ask for AES-GCM and returns the active key
+// id names, ready to use.
+func (s *Server) gcmKey(ctx context.Context, id string, p *kmip.CryptographicParameters) (*object, cipher.AEAD, error) {
 	if p != nil && p.BlockCipherMode != 0 && p.BlockCipherMode != kmip.BlockCipherModeGCM {
-		return kmipserver.Errorf(kmip.ResultReasonOperationNotSupported, "only AES-GCM")
+		return nil, nil, kmipserver.Errorf(kmip.ResultReasonOperationNotSupported, "only AES-GCM")
 	}
-	return nil
+	o, k, err := s.keyOf(ctx, id, kmip.StateActive)
+	if err != nil {
+		return nil, nil, err
+	}
+	a, err := gcm(k)
+	return o, a, err
 }
 
 func (s *Server) encrypt(ctx context.Context, req *payloads.EncryptRequestPayload) (*payloads.EncryptResponsePayload, error) {
-	if err := checkGCM(req.CryptographicParameters); err != nil {
-		return nil, err
-	}
-	o, k, err := s.keyOf(ctx, req.UniqueIdentifier, kmip.StateActive)
+	o, a, err := s.gcmKey(ctx, req.UniqueIdentifier, req.CryptographicParameters)
 	if err != nil {
 		return nil, err
 	}
-	a, _ := gcm(k)
 	iv := req.IVCounterNonce
 	if len(iv) == 0 {
 		iv = make([]byte, 12)
@@ -327,14 +330,10 @@ func (s *Server) encrypt(ctx context.Context, req *payloads.EncryptRequestPayloa
 }
 
 func (s *Server) decrypt(ctx context.Context, req *payloads.DecryptRequestPayload) (*payloads.DecryptResponsePayload, error) {
-	if err := checkGCM(req.CryptographicParameters); err != nil {
-		return nil, err
-	}
-	o, k, err := s.keyOf(ctx, req.UniqueIdentifier, kmip.StateActive)
+	o, a, err := s.gcmKey(ctx, req.UniqueIdentifier, req.CryptographicParameters)
 	if err != nil {
 		return nil, err
 	}
-	a, _ := gcm(k)
 	if len(req.IVCounterNonce) != 12 {
 		return nil, kmipserver.Errorf(kmip.ResultReasonInvalidField, "IV must be 12 bytes")
 	}

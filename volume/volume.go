@@ -167,7 +167,7 @@ func (v *Volume) lockStripes(b0, b1 uint64, write bool) func() {
 	}
 }
 
-func (v *Volume) checkRange(off int64, n int) error {
+func (v *Volume) checkRange(off, n int64) error {
 	if off < 0 || n < 0 || uint64(off)+uint64(n) > v.geo.Size {
 		return fmt.Errorf("%w: [%d, +%d) of %d", ErrRange, off, n, v.geo.Size)
 	}
@@ -179,7 +179,7 @@ func (v *Volume) checkRange(off int64, n int) error {
 
 // ReadAt fills p from off. FREE blocks read as zeros without decryption.
 func (v *Volume) ReadAt(p []byte, off int64) error {
-	if err := v.checkRange(off, len(p)); err != nil {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
 	if len(p) == 0 {
@@ -262,7 +262,7 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 	if err := v.writable(); err != nil {
 		return err
 	}
-	if err := v.checkRange(off, len(p)); err != nil {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
 	if len(p) == 0 {
@@ -405,14 +405,8 @@ func (v *Volume) Zero(off int64, n int64, noHole, fast, fua bool) error {
 	if err := v.writable(); err != nil {
 		return err
 	}
-	if err := v.checkRange(off, 0); err != nil {
+	if err := v.checkRange(off, n); err != nil {
 		return err
-	}
-	if off < 0 || n < 0 || uint64(off)+uint64(n) > v.geo.Size {
-		return fmt.Errorf("%w: zero [%d, +%d)", ErrRange, off, n)
-	}
-	if n%512 != 0 {
-		return fmt.Errorf("%w: zero [%d, +%d)", ErrAlign, off, n)
 	}
 	if noHole && fast {
 		return ErrNotFast

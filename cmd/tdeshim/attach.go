@@ -92,17 +92,37 @@ the kernel client. serve keeps running.`,
 	}
 }
 
-// isMounted reports whether dev is mounted, per /proc/self/mounts.
-func isMounted(dev string) (bool, string) {
+// mounts lists (source, mount point) pairs from /proc/self/mounts.
+func mounts() [][2]string {
 	b, err := os.ReadFile("/proc/self/mounts")
 	if err != nil {
-		return false, ""
+		return nil
 	}
+	var out [][2]string
 	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == dev {
-			return true, f[1]
+		if f := strings.Fields(line); len(f) >= 2 {
+			out = append(out, [2]string{f[0], f[1]})
+		}
+	}
+	return out
+}
+
+// isMounted reports whether dev is mounted, and where.
+func isMounted(dev string) (bool, string) {
+	for _, m := range mounts() {
+		if m[0] == dev {
+			return true, m[1]
 		}
 	}
 	return false, ""
+}
+
+// isMountPoint reports whether something is mounted on dir.
+func isMountPoint(dir string) bool {
+	for _, m := range mounts() {
+		if m[1] == dir {
+			return true
+		}
+	}
+	return false
 }

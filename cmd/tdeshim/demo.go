@@ -390,7 +390,7 @@ func (d *demo) stopKept() error {
 		}
 	}
 	for _, m := range []string{mnt, cmnt} {
-		if ok, _ := isMountPoint(m); ok {
+		if isMountPoint(m) {
 			d.run("umount", m)
 		}
 	}
@@ -417,17 +417,4 @@ func (d *demo) stopKept() error {
 	os.RemoveAll(d.dir)
 	fmt.Println("demo stopped and removed")
 	return nil
-}
-
-func isMountPoint(dir string) (bool, error) {
-	b, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		return false, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 1 && f[1] == dir {
-			return true, nil
-		}
-	}
-	return false, nil
 }

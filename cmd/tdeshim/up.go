@@ -99,7 +99,7 @@ func runUp(c *cli.Context) error {
 	} else {
 		f.Close()
 	}
-	if ok, _ := isMountPoint(mnt); ok {
+	if isMountPoint(mnt) {
 		return fmt.Errorf("up: %s is already a mount point", mnt)
 	}
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
@@ -238,7 +238,7 @@ func runDown(c *cli.Context) error {
 		return fmt.Errorf("down: PostgreSQL (pid %d) still runs on %s; stop it first (pg_ctl -D … stop -m fast)", pid, st.Mount)
 	}
 	exec.Command("sync").Run()
-	if ok, _ := isMountPoint(st.Mount); ok {
+	if isMountPoint(st.Mount) {
 		if out, err := exec.Command("umount", st.Mount).CombinedOutput(); err != nil {
 			return fmt.Errorf("down: umount %s: %v: %s (something still uses it: fuser -vm %s)", st.Mount, err, out, st.Mount)
 		}
