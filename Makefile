@@ -42,7 +42,8 @@ e2e: build
 	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -v ./e2e/...
 
 FUZZ_TARGETS := layout:FuzzDecodeHeader layout:FuzzDecodeSlot layout:FuzzDecodeMapPage \
-	layout:FuzzDecodeJournal nbd:FuzzNegotiation nbd:FuzzRequests
+	layout:FuzzDecodeJournal layout:FuzzDecodeRekeyRecord layout:FuzzWALPageHeader \
+	walwatch:FuzzParsePath nbd:FuzzNegotiation nbd:FuzzRequests
 
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t#*:}; \

@@ -158,6 +158,17 @@ func newGCM(principal []byte) (cipher.AEAD, error) {
 type Principals struct {
 	Current uint16            `json:"current"`
 	Keys    map[uint16]Config `json:"keys"`
+	// Databases gives a database (by OID) its own principal key: the data
+	// keys of its relations are wrapped by that entry instead of Current.
+	Databases map[uint32]uint16 `json:"databases,omitempty"`
+}
+
+// ForDatabase is the entry that wraps new data keys of database db.
+func (p Principals) ForDatabase(db uint32) uint16 {
+	if n, ok := p.Databases[db]; ok {
+		return n
+	}
+	return p.Current
 }
 
 // SinglePrincipal is the table of a new volume.

@@ -17,11 +17,19 @@ import (
 var (
 	journalSuperMagic  = [8]byte{'T', 'D', 'J', 'S', 'U', 'P', 'E', 'R'}
 	journalRecordMagic = [8]byte{'T', 'D', 'J', 'R', 'E', 'C', 0, 0}
+	rekeyRecordMagic   = [8]byte{'T', 'D', 'J', 'R', 'K', 'E', 'Y', 0}
+)
+
+// Record kinds.
+const (
+	RecordMap   = 1 // key-map entries
+	RecordRekey = 2 // blocks re-encrypted under another key, with their new ciphertext
 )
 
 const (
 	recordHeaderSize = 40
 	journalEntrySize = 12 // block u64, value u32
+	rekeyEntrySize   = 16 // block u64, from u32, to u32
 )
 
 // JournalEntry records the key-map value of one block.
@@ -40,11 +48,15 @@ func RecordBlocks(n int) int {
 	return (recordHeaderSize + n*journalEntrySize + BlockSize - 1) / BlockSize
 }
 
-// EncodeJournalSuper encodes the superblock for epoch.
+// EncodeJournalSuper encodes the superblock for epoch. Everything that
+// matters is in its first 512-byte sector with its own checksum (bytes
+// 16..20), so a write torn between sectors still decodes; the whole-block
+// checksum at the end is kept for volumes written before the sector one.
 func EncodeJournalSuper(epoch uint64) []byte {
 	b := make([]byte, BlockSize)
 	copy(b, journalSuperMagic[:])
 	binary.LittleEndian.PutUint64(b[8:], epoch)
+	binary.LittleEndian.PutUint32(b[16:], crc(b[:16]))
 	binary.LittleEndian.PutUint32(b[BlockSize-4:], crc(b[:BlockSize-4]))
 	return b
 }
@@ -54,10 +66,11 @@ func DecodeJournalSuper(b []byte) (uint64, error) {
 	if len(b) < BlockSize || !bytes.Equal(b[:8], journalSuperMagic[:]) {
 		return 0, fmt.Errorf("%w journal superblock: bad magic", ErrCorrupt)
 	}
-	if binary.LittleEndian.Uint32(b[BlockSize-4:]) != crc(b[:BlockSize-4]) {
+	le := binary.LittleEndian
+	if le.Uint32(b[16:]) != crc(b[:16]) && le.Uint32(b[BlockSize-4:]) != crc(b[:BlockSize-4]) {
 		return 0, fmt.Errorf("%w journal superblock: checksum", ErrCorrupt)
 	}
-	return binary.LittleEndian.Uint64(b[8:]), nil
+	return le.Uint64(b[8:]), nil
 }
 
 // EncodeJournalRecord encodes one record; its length is a whole number of
@@ -83,6 +96,7 @@ func EncodeJournalRecord(epoch, seq uint64, entries []JournalEntry) []byte {
 
 // RecordInfo is what the first block of a record says about it.
 type RecordInfo struct {
+	Kind       int // RecordMap or RecordRekey
 	Epoch, Seq uint64
 	Entries    int
 	Blocks     int
@@ -92,18 +106,38 @@ type RecordInfo struct {
 // caller knows how many blocks to read. ok is false for anything that is
 // not a record header (the end of the journal).
 func PeekJournalRecord(b []byte) (RecordInfo, bool) {
-	if len(b) < recordHeaderSize || !bytes.Equal(b[:8], journalRecordMagic[:]) {
+	if len(b) < recordHeaderSize {
+		return RecordInfo{}, false
+	}
+	kind := 0
+	switch {
+	case bytes.Equal(b[:8], journalRecordMagic[:]):
+		kind = RecordMap
+	case bytes.Equal(b[:8], rekeyRecordMagic[:]):
+		kind = RecordRekey
+	default:
 		return RecordInfo{}, false
 	}
 	le := binary.LittleEndian
 	ri := RecordInfo{
+		Kind:    kind,
 		Epoch:   le.Uint64(b[8:]),
 		Seq:     le.Uint64(b[16:]),
 		Entries: int(le.Uint32(b[24:])),
 		Blocks:  int(le.Uint32(b[28:])),
 	}
-	if ri.Blocks < 1 || ri.Blocks > 1<<20 || ri.Entries > EntriesPerRecord(ri.Blocks) || RecordBlocks(ri.Entries) != ri.Blocks {
+	if ri.Blocks < 1 || ri.Blocks > 1<<20 || ri.Entries > 1<<20 {
 		return RecordInfo{}, false
+	}
+	switch kind {
+	case RecordMap:
+		if ri.Entries > EntriesPerRecord(ri.Blocks) || RecordBlocks(ri.Entries) != ri.Blocks {
+			return RecordInfo{}, false
+		}
+	case RecordRekey:
+		if ri.Entries < 1 || RekeyRecordBlocks(ri.Entries) != ri.Blocks {
+			return RecordInfo{}, false
+		}
 	}
 	return ri, true
 }
@@ -112,7 +146,7 @@ func PeekJournalRecord(b []byte) (RecordInfo, bool) {
 // its entries. An error means a torn or foreign record: replay stops there.
 func DecodeJournalRecord(b []byte) (RecordInfo, []JournalEntry, error) {
 	ri, ok := PeekJournalRecord(b)
-	if !ok || len(b) < ri.Blocks*BlockSize {
+	if !ok || ri.Kind != RecordMap || len(b) < ri.Blocks*BlockSize {
 		return ri, nil, fmt.Errorf("%w journal record: bad header", ErrCorrupt)
 	}
 	b = b[:ri.Blocks*BlockSize]
@@ -127,4 +161,68 @@ func DecodeJournalRecord(b []byte) (RecordInfo, []JournalEntry, error) {
 		off += journalEntrySize
 	}
 	return ri, out, nil
+}
+
+// RekeyEntry says that block Block moved from key slot From to key slot To;
+// its ciphertext under To travels in the same record.
+type RekeyEntry struct {
+	Block    uint64
+	From, To uint32
+}
+
+func rekeyHeaderBlocks(n int) int {
+	return (recordHeaderSize + n*rekeyEntrySize + BlockSize - 1) / BlockSize
+}
+
+// RekeyRecordBlocks is the length in blocks of a rekey record of n
+// entries: header and entry table, then one block of ciphertext per entry.
+func RekeyRecordBlocks(n int) int { return rekeyHeaderBlocks(n) + n }
+
+// EncodeRekeyRecord encodes a rekey record; data holds len(entries) blocks
+// of ciphertext, in entry order. The rekeyer writes it and syncs before it
+// overwrites any block in place, so replay can finish a torn rekey.
+func EncodeRekeyRecord(epoch, seq uint64, entries []RekeyEntry, data []byte) []byte {
+	if len(data) != len(entries)*BlockSize {
+		panic("layout: rekey record data does not match its entries")
+	}
+	hb := rekeyHeaderBlocks(len(entries))
+	nblocks := hb + len(entries)
+	b := make([]byte, nblocks*BlockSize)
+	le := binary.LittleEndian
+	copy(b, rekeyRecordMagic[:])
+	le.PutUint64(b[8:], epoch)
+	le.PutUint64(b[16:], seq)
+	le.PutUint32(b[24:], uint32(len(entries)))
+	le.PutUint32(b[28:], uint32(nblocks))
+	off := recordHeaderSize
+	for _, e := range entries {
+		le.PutUint64(b[off:], e.Block)
+		le.PutUint32(b[off+8:], e.From)
+		le.PutUint32(b[off+12:], e.To)
+		off += rekeyEntrySize
+	}
+	copy(b[hb*BlockSize:], data)
+	le.PutUint32(b[32:], crc(b[:32], b[36:]))
+	return b
+}
+
+// DecodeRekeyRecord checks a whole rekey record and returns its entries and
+// the ciphertext blocks (a sub-slice of b, in entry order).
+func DecodeRekeyRecord(b []byte) (RecordInfo, []RekeyEntry, []byte, error) {
+	ri, ok := PeekJournalRecord(b)
+	if !ok || ri.Kind != RecordRekey || len(b) < ri.Blocks*BlockSize {
+		return ri, nil, nil, fmt.Errorf("%w rekey record: bad header", ErrCorrupt)
+	}
+	b = b[:ri.Blocks*BlockSize]
+	le := binary.LittleEndian
+	if le.Uint32(b[32:]) != crc(b[:32], b[36:]) {
+		return ri, nil, nil, fmt.Errorf("%w rekey record %d: checksum", ErrCorrupt, ri.Seq)
+	}
+	out := make([]RekeyEntry, ri.Entries)
+	off := recordHeaderSize
+	for i := range out {
+		out[i] = RekeyEntry{Block: le.Uint64(b[off:]), From: le.Uint32(b[off+8:]), To: le.Uint32(b[off+12:])}
+		off += rekeyEntrySize
+	}
+	return ri, out, b[rekeyHeaderBlocks(ri.Entries)*BlockSize:], nil
 }

@@ -10,6 +10,10 @@ const (
 	SlotEmpty     = 0
 	SlotActive    = 1
 	SlotDestroyed = 2 // key material overwritten: crypto-shredded
+	// SlotRetiring: the key still decrypts blocks, but no new block takes
+	// it; the rekeyer moves its blocks to their owners' keys, then it is
+	// destroyed. Rotation and crypto-shredding both go through it.
+	SlotRetiring = 3
 )
 
 // Slot kinds: what a data key encrypts.
@@ -40,6 +44,10 @@ type Slot struct {
 	Ciphertext [WrappedKeySize]byte
 	Tag        [TagSize]byte
 }
+
+// HasKey reports whether the slot holds usable key material (active or
+// retiring).
+func (s *Slot) HasKey() bool { return s.State == SlotActive || s.State == SlotRetiring }
 
 const slotCRC = SlotSize - 4
 
@@ -98,7 +106,7 @@ func DecodeSlot(n uint32, b []byte) (*Slot, error) {
 		Created:    int64(le.Uint64(b[16:])),
 		Generation: le.Uint64(b[24:]),
 	}
-	if s.State > SlotDestroyed || s.Kind < KindVolume || s.Kind > KindRelation {
+	if s.State > SlotRetiring || s.Kind < KindVolume || s.Kind > KindRelation {
 		return nil, fmt.Errorf("%w slot %d: state %d kind %d", ErrCorrupt, n, s.State, s.Kind)
 	}
 	copy(s.Nonce[:], b[32:44])

@@ -159,3 +159,21 @@ func (c *Crash) Image() []byte {
 	}
 	return img
 }
+
+// CrashKeeping pulls the power with a chosen outcome: of the cached
+// writes, exactly those for which keep says true reach the media (in
+// order); the rest are lost. Tests use it for the reorderings that random
+// per-sector choice almost never produces, such as a whole multi-block
+// journal record surviving while a data write before it is lost.
+func (c *Crash) CrashKeeping(keep func(off, n int64) bool) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.crashed = true
+	img := append([]byte(nil), c.stable...)
+	for _, o := range c.pending {
+		if keep(o.off, o.n) {
+			apply(img, o, o.off, o.off+o.n)
+		}
+	}
+	return img
+}

@@ -61,6 +61,9 @@ func (v *Volume) commitLocked(checkpoint bool) error {
 		need += uint32(layout.RecordBlocks(n))
 		rest -= n
 	}
+	if need == 0 && v.rk.lastIsRekey {
+		need = 1
+	}
 	if checkpoint || v.journalUsed+need > v.geo.JournalRecordBlocks() {
 		// Keep the gate: the checkpoint writes in-memory entries, which
 		// must all be covered by its data sync.
@@ -76,11 +79,14 @@ func (v *Volume) commitLocked(checkpoint bool) error {
 	if err := v.st.Sync(); err != nil {
 		return v.fail(fmt.Errorf("volume: sync data: %w", err))
 	}
-	if len(ents) == 0 {
+	v.rk.inPlaceUnsynced = false
+	if len(ents) == 0 && !v.rk.lastIsRekey {
 		v.stats.Commits.Add(1)
 		return nil
 	}
-	for rest := ents; len(rest) > 0; {
+	// A rekey record last in the journal would be replayed over writes
+	// this commit makes durable: an empty record retires it.
+	for rest := ents; len(rest) > 0 || v.rk.lastIsRekey; {
 		n := min(len(rest), layout.EntriesPerRecord(maxRecordBlocks))
 		rec := layout.EncodeJournalRecord(v.epoch, v.nextSeq, rest[:n])
 		if _, err := v.st.WriteAt(rec, v.geo.JournalRecordOff(v.journalUsed)); err != nil {
@@ -88,6 +94,7 @@ func (v *Volume) commitLocked(checkpoint bool) error {
 		}
 		v.journalUsed += uint32(len(rec) / layout.BlockSize)
 		v.nextSeq++
+		v.rk.lastIsRekey = false
 		v.stats.JournalRecs.Add(1)
 		for _, e := range rest[:n] {
 			v.touchedPages[layout.PageOfBlock(e.Block)] = struct{}{}
@@ -169,6 +176,8 @@ func (v *Volume) checkpointLocked(ents []layout.JournalEntry) error {
 		return fmt.Errorf("volume: sync journal superblock: %w", err)
 	}
 	v.epoch++
+	v.epochSeen.Store(v.epoch)
+	v.rk.lastIsRekey, v.rk.inPlaceUnsynced = false, false
 	v.nextSeq = 0
 	v.journalUsed = 0
 	v.touchedPages = map[uint64]struct{}{}

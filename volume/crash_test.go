@@ -11,9 +11,50 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/tdeshim/tdeshim/layout"
 	"github.com/tdeshim/tdeshim/store"
 )
+
+// keyer churns keys while the writers run: relation keys, index files,
+// rotations, shreds and rekey passes. Errors end it (the store crashed).
+func keyer(v *Volume, r *rand.Rand, ops *atomic.Uint64, crashAt uint64, blocks uint64) {
+	ctx := context.Background()
+	ix := layout.NewIndex(blocks)
+	v.SetIndex(ix)
+	rels := []layout.RelKey{{Tablespace: 1663, Database: 5, RelNode: 100}, {Tablespace: 1663, Database: 5, RelNode: 101}, {Tablespace: 1663, Database: 6, RelNode: 200}, {Tablespace: 1664, RelNode: 300}}
+	seen := map[uint64]time.Time{}
+	for ops.Load() < crashAt {
+		rel := rels[r.Intn(len(rels))]
+		var err error
+		switch k := r.Intn(10); {
+		case k < 3:
+			_, err = v.EnsureRelationKey(ctx, rel)
+		case k < 5:
+			start := uint64(r.Intn(int(blocks)))
+			n := uint64(r.Intn(64) + 1)
+			o := layout.Owner{Kind: layout.KindRelation, Rel: rel}
+			if r.Intn(4) == 0 {
+				o = layout.Owner{Kind: layout.KindWAL}
+				_, err = v.EnsureWALKey(ctx)
+			}
+			ix.SetFile(fmt.Sprintf("f%d", r.Intn(6)), o, []layout.IndexExtent{{Start: start, Len: n}})
+		case k < 6:
+			if s := v.RelationSlot(rel); s != 0 {
+				err = v.Retire(ctx, s, r.Intn(2) == 0) // rotate or shred
+			} else if r.Intn(8) == 0 {
+				err = v.Retire(ctx, v.VolumeSlot(), true)
+			}
+		default:
+			err = v.rekeyPass(ctx, ix, seen, 0)
+		}
+		ops.Add(1)
+		if err != nil {
+			return
+		}
+	}
+}
 
 // The crash test drives a volume on the volatile-cache store with several
 // writers (each owning a disjoint set of blocks, so each sector has one
@@ -53,10 +94,19 @@ func crashIterations() int {
 	return 40
 }
 
-func TestCrashAtRandomPointsReadsOldOrNew(t *testing.T) {
+func TestCrashAtRandomPointsReadsOldOrNew(t *testing.T) { runCrashTest(t, false) }
+
+// TestCrashWithRekeysReadsOldOrNew adds, beside the writers, a keyer that
+// creates relation keys, maps block ranges to relations in the index,
+// rotates and shreds keys (relation and volume) and runs the rekeyer:
+// contents must never change through any of it, whatever the crash point.
+func TestCrashWithRekeysReadsOldOrNew(t *testing.T) { runCrashTest(t, true) }
+
+func runCrashTest(t *testing.T, withKeys bool) {
 	kf := newKeyFile(t)
 	const size = 2 << 20
 	const sectors = size / sector
+	var moved, destroyed uint64
 	for iter := 0; iter < crashIterations(); iter++ {
 		seed := int64(iter*7919 + 1)
 		rng := rand.New(rand.NewSource(seed))
@@ -131,8 +181,18 @@ func TestCrashAtRandomPointsReadsOldOrNew(t *testing.T) {
 				crash()
 			}(w)
 		}
+		if withKeys {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer crash()
+				keyer(v, rand.New(rand.NewSource(seed*17)), &ops, crashAt, size/4096)
+			}()
+		}
 		wg.Wait()
 		crash()
+		moved += v.rk.moved.Load()
+		destroyed += v.stats.KeysDestroyed.Load()
 		v.closeKeys()
 		v2, err := Open(context.Background(), store.NewCrash(crashImg, sector), Options{Provider: openProvider(t, kf), Logger: quiet})
 		if err != nil {
@@ -142,11 +202,22 @@ func TestCrashAtRandomPointsReadsOldOrNew(t *testing.T) {
 		if err := v2.ReadAt(got, 0); err != nil {
 			t.Fatal(err)
 		}
+		for b := range v2.entries {
+			if e := v2.entries[b].Load(); e != layout.FreeEntry && !v2.slots[e].HasKey() {
+				t.Fatalf("seed %d: block %d names slot %d, which holds no key", seed, b, e)
+			}
+		}
 		v2.Close()
 		for s := uint64(0); s < sectors; s++ {
 			if err := h.check(s, got[s*sector:(s+1)*sector], lastFlushStart); err != nil {
 				t.Fatalf("seed %d (crash after %d ops): %v", seed, crashAt, err)
 			}
+		}
+	}
+	if withKeys {
+		t.Logf("%d blocks rekeyed, %d keys destroyed before the crashes", moved, destroyed)
+		if moved == 0 || destroyed == 0 {
+			t.Fatalf("the keyer never rekeyed (%d) or destroyed (%d): the test exercised nothing", moved, destroyed)
 		}
 	}
 }

@@ -39,11 +39,10 @@ func (v *Volume) unwrapAll(ctx context.Context) error {
 	defer v.slotsMu.Unlock()
 	byPrincipal := map[uint16][]uint32{}
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if v.slots[i].State == layout.SlotActive {
+		if v.slots[i].HasKey() {
 			byPrincipal[v.slots[i].Principal] = append(byPrincipal[v.slots[i].Principal], i)
 		}
 	}
-	cs := *v.ciphers.Load()
 	for n, slots := range byPrincipal {
 		p, err := v.provider(ctx, n)
 		if err != nil {
@@ -78,7 +77,8 @@ func (v *Volume) unwrapAll(ctx context.Context) error {
 			if err != nil {
 				return fmt.Errorf("volume: key slot %d: %w", i, err)
 			}
-			cs[i], v.rawKeys[i] = c, secrets[j]
+			v.setCipher(i, c)
+			v.rawKeys[i] = secrets[j]
 		}
 	}
 	return nil
@@ -88,14 +88,10 @@ func (v *Volume) unwrapAll(ctx context.Context) error {
 func (v *Volume) closeKeys() {
 	v.slotsMu.Lock()
 	defer v.slotsMu.Unlock()
-	for i, c := range *v.ciphers.Load() {
-		if c != nil {
-			c.Close()
-		}
+	for i := range v.ciphers {
+		v.setCipher(uint32(i), nil)
 		v.rawKeys[i].Wipe()
 	}
-	empty := make([]crypto.Cipher, len(*v.ciphers.Load()))
-	v.ciphers.Store(&empty)
 	for _, p := range v.provs {
 		p.Close()
 	}
@@ -133,7 +129,7 @@ func (v *Volume) RotatePrincipal(ctx context.Context, prov keys.Provider, progre
 	}
 	var active []uint32
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if v.slots[i].State == layout.SlotActive {
+		if v.slots[i].HasKey() {
 			active = append(active, i)
 		}
 	}
@@ -205,15 +201,11 @@ func (v *Volume) Suspend(reason error) {
 	}
 	v.log.Error("suspending volume: data keys wiped, I/O now fails", "reason", reason)
 	v.slotsMu.Lock()
-	for i, c := range *v.ciphers.Load() {
-		if c != nil {
-			c.Close()
-		}
+	for i := range v.ciphers {
+		v.setCipher(uint32(i), nil)
 		v.rawKeys[i].Wipe()
 		v.rawKeys[i] = nil
 	}
-	empty := make([]crypto.Cipher, len(*v.ciphers.Load()))
-	v.ciphers.Store(&empty)
 	v.slotsMu.Unlock()
 }
 

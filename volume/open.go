@@ -159,6 +159,12 @@ type State struct {
 	Replayed    int // journal records applied
 	JournalUsed uint32
 	Touched     map[uint64]struct{}
+	// Unfinished holds the ciphertext of the journal's last record when it
+	// is a rekey record no later record retires: its in-place writes may
+	// be torn, so these blocks are read from here (and rewritten on a
+	// writable open).
+	Unfinished map[uint64][]byte
+	Rekeyed    int // rekey entries replayed
 }
 
 // Inspect reads header, key table, key map and journal, replaying the
@@ -183,7 +189,7 @@ func Inspect(st store.Store) (*State, error) {
 		}
 		s.Slots[i] = *sl
 	}
-	if s.Slots[h.VolumeKeySlot].State != layout.SlotActive {
+	if !s.Slots[h.VolumeKeySlot].HasKey() {
 		return nil, fmt.Errorf("%w: volume key slot %d is not active", layout.ErrCorrupt, h.VolumeKeySlot)
 	}
 	// Key map pages; checksum failures are judged after replay.
@@ -226,16 +232,36 @@ func Inspect(st store.Store) (*State, error) {
 		if _, err := st.ReadAt(rec, g.JournalRecordOff(pos)); err != nil {
 			return nil, fmt.Errorf("volume: read journal: %w", err)
 		}
-		_, ents, err := layout.DecodeJournalRecord(rec)
-		if err != nil {
-			break // torn tail: it was never acknowledged
-		}
-		for _, e := range ents {
-			if e.Block >= g.Blocks() || e.Value >= g.Slots {
-				return nil, fmt.Errorf("%w: journal record %d names block %d slot %d", layout.ErrCorrupt, seq, e.Block, e.Value)
+		if ri.Kind == layout.RecordRekey {
+			_, ents, data, err := layout.DecodeRekeyRecord(rec)
+			if err != nil {
+				break // torn: its blocks were never touched in place
 			}
-			s.Entries[e.Block] = e.Value
-			s.Touched[layout.PageOfBlock(e.Block)] = struct{}{}
+			s.Unfinished = map[uint64][]byte{}
+			for i, e := range ents {
+				if e.Block >= g.Blocks() || e.To == 0 || e.To >= g.Slots {
+					return nil, fmt.Errorf("%w: rekey record %d names block %d slot %d", layout.ErrCorrupt, seq, e.Block, e.To)
+				}
+				s.Entries[e.Block] = e.To
+				s.Touched[layout.PageOfBlock(e.Block)] = struct{}{}
+				s.Unfinished[e.Block] = data[i*layout.BlockSize : (i+1)*layout.BlockSize]
+			}
+			s.Rekeyed += len(ents)
+		} else {
+			_, ents, err := layout.DecodeJournalRecord(rec)
+			if err != nil {
+				break // torn tail: it was never acknowledged
+			}
+			// Any later record was written after a sync that covered
+			// the earlier rekey's in-place writes: it is finished.
+			s.Unfinished = nil
+			for _, e := range ents {
+				if e.Block >= g.Blocks() || e.Value >= g.Slots {
+					return nil, fmt.Errorf("%w: journal record %d names block %d slot %d", layout.ErrCorrupt, seq, e.Block, e.Value)
+				}
+				s.Entries[e.Block] = e.Value
+				s.Touched[layout.PageOfBlock(e.Block)] = struct{}{}
+			}
 		}
 		pos += uint32(ri.Blocks)
 		s.Replayed++
@@ -283,16 +309,21 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 		touchedPages: s.Touched,
 		rawKeys:      make([]*keys.Secret, g.Slots),
 	}
+	v.counts = make([]atomic.Int64, g.Slots)
 	for i, e := range s.Entries {
 		if e != layout.FreeEntry && s.Slots[e].State == layout.SlotDestroyed {
 			e = layout.FreeEntry // crypto-shredded: nothing to return
 		}
 		v.entries[i].Store(e)
+		if e != layout.FreeEntry {
+			v.counts[e].Add(1)
+		}
 	}
-	volSlot := s.Header.VolumeKeySlot
-	v.keyFor = func(uint64) uint32 { return volSlot }
-	cs := make([]crypto.Cipher, g.Slots)
-	v.ciphers.Store(&cs)
+	v.epochSeen.Store(s.Epoch)
+	v.rk.kick = make(chan struct{}, 1)
+	v.initOwners()
+	v.overlay = s.Unfinished
+	v.ciphers = make([]atomic.Pointer[cipherRef], g.Slots)
 	if opt.Provider != nil {
 		v.provs[pt.Current] = opt.Provider
 	}
@@ -301,6 +332,15 @@ func Open(ctx context.Context, st store.Store, opt Options) (*Volume, error) {
 		return nil, err
 	}
 	if !opt.ReadOnly {
+		// Finish an interrupted rekey: its ciphertext goes in place, and
+		// the checkpoint's data sync covers it.
+		for b, ct := range v.overlay {
+			if _, err := st.WriteAt(ct, g.BlockOff(b)); err != nil {
+				v.closeKeys()
+				return nil, fmt.Errorf("volume: finish interrupted rekey of block %d: %w", b, err)
+			}
+		}
+		v.overlay = nil
 		v.commitMu.Lock()
 		err := v.commitLocked(true) // fold the replayed journal into the map
 		v.commitMu.Unlock()

@@ -11,7 +11,8 @@ import (
 	"github.com/tdeshim/tdeshim/store"
 )
 
-// limitStore pulls the power (a crash-model store crash) after n writes.
+// limitStore pulls the power (a crash-model store crash) after n writes
+// and syncs: the cut can fall between a write and the sync after it.
 type limitStore struct {
 	*store.Crash
 	n   int
@@ -28,6 +29,17 @@ func (l *limitStore) WriteAt(p []byte, off int64) (int, error) {
 	}
 	l.n--
 	return l.Crash.WriteAt(p, off)
+}
+
+func (l *limitStore) Sync() error {
+	if l.n == 0 {
+		if l.img == nil {
+			l.img = l.Crash.Crash(l.rng)
+		}
+		return store.ErrClosed
+	}
+	l.n--
+	return l.Crash.Sync()
 }
 
 // TestRotatePrincipalCrashAnywhereStillOpens: a rotation cut off after any
@@ -50,7 +62,7 @@ func TestRotatePrincipalCrashAnywhereStillOpens(t *testing.T) {
 	v.WriteAt(data, 8192, true)
 	v.Close()
 	base := st.Image()
-	for n := 0; n < 20; n++ {
+	for n := 0; n < 40; n++ {
 		ls := &limitStore{Crash: store.NewCrash(base, 512), n: 1 << 30, rng: rand.New(rand.NewSource(int64(n)))}
 		v, err := Open(context.Background(), ls, Options{Provider: openProvider(t, oldKey), Logger: quiet})
 		if err != nil {

@@ -61,9 +61,9 @@ type Volume struct {
 	provs      map[uint16]keys.Provider
 
 	slotsMu sync.Mutex
-	slots   []layout.Slot                   // key table, by slot number
-	ciphers atomic.Pointer[[]crypto.Cipher] // by slot number; nil if not unwrapped
-	rawKeys []*keys.Secret                  // unwrapped data keys (locked memory), for rewrapping
+	slots   []layout.Slot               // key table, by slot number
+	ciphers []atomic.Pointer[cipherRef] // by slot number; nil if not unwrapped
+	rawKeys []*keys.Secret              // unwrapped data keys (locked memory), for rewrapping
 
 	entries []atomic.Uint32 // in-memory key map (current, not durable)
 	stripe  [stripes]sync.RWMutex
@@ -87,9 +87,18 @@ type Volume struct {
 	closed    atomic.Bool
 	suspended atomic.Bool
 
-	// keyFor picks the slot for a write to a FREE block. Issue: per-relation
-	// keys replace it with the block index's owner; never blocks.
-	keyFor func(block uint64) uint32
+	// Per-relation keying: owners' slots, the watcher's index, and a
+	// live-block count per slot (trimmed blocks not counted).
+	own    ownerKeys
+	index  atomic.Pointer[layout.Index]
+	keyMu  sync.Mutex // serialises key creation, retirement, destruction
+	counts []atomic.Int64
+	// epochSeen mirrors epoch for readers without commitMu.
+	epochSeen atomic.Uint64
+
+	rk rekeyState
+	// overlay: ciphertext of an unfinished rekey, on read-only opens only.
+	overlay map[uint64][]byte
 
 	stats Stats
 }
@@ -100,6 +109,11 @@ type Stats struct {
 	Checkpoints atomic.Uint64
 	JournalRecs atomic.Uint64
 	Punched     atomic.Uint64 // blocks
+
+	ClientWritten atomic.Uint64 // bytes written by clients
+	ZeroSkipped   atomic.Uint64 // all-zero blocks written to FREE blocks, kept FREE
+	KeysCreated   atomic.Uint64
+	KeysDestroyed atomic.Uint64
 }
 
 // Header returns a copy of the current header.
@@ -113,19 +127,35 @@ func (v *Volume) ReadOnly() bool { return v.readOnly }
 
 // Engine names the cipher engine in use.
 func (v *Volume) Engine() string {
-	cs := *v.ciphers.Load()
-	if c := cs[v.hdr.VolumeKeySlot]; c != nil {
+	if c := v.ciphers[v.volSlot()].Load(); c != nil {
 		return c.Engine()
 	}
 	return ""
 }
 
+// cipherRef boxes a cipher so that each slot's can be swapped atomically.
+type cipherRef struct{ crypto.Cipher }
+
 func (v *Volume) cipherFor(slot uint32) (crypto.Cipher, error) {
-	cs := *v.ciphers.Load()
-	if int(slot) >= len(cs) || cs[slot] == nil {
-		return nil, fmt.Errorf("volume %x: key slot %d is not open", v.hdr.UUID[:4], slot)
+	if int(slot) >= len(v.ciphers) {
+		return nil, fmt.Errorf("volume %x: key slot %d is out of range", v.hdr.UUID[:4], slot)
 	}
-	return cs[slot], nil
+	c := v.ciphers[slot].Load()
+	if c == nil {
+		return nil, fmt.Errorf("volume %x: key slot %d is not open (its key is destroyed, or its principal key is unavailable)", v.hdr.UUID[:4], slot)
+	}
+	return c.Cipher, nil
+}
+
+// setCipher installs (or, with nil, removes and closes) slot i's cipher.
+func (v *Volume) setCipher(i uint32, c crypto.Cipher) {
+	var ref *cipherRef
+	if c != nil {
+		ref = &cipherRef{c}
+	}
+	if old := v.ciphers[i].Swap(ref); old != nil {
+		old.Close()
+	}
 }
 
 // stripesFor returns the sorted stripe indices covering blocks [b0, b1).
@@ -236,6 +266,11 @@ func (v *Volume) readBlocks(p []byte, b0 uint64) error {
 		if _, err := v.st.ReadAt(seg, v.geo.BlockOff(b0+i)); err != nil {
 			return fmt.Errorf("volume: read blocks %d..%d: %w", b0+i, b0+j-1, err)
 		}
+		for b, ct := range v.overlay {
+			if b >= b0+i && b < b0+j {
+				copy(seg[(b-b0-i)*blockSize:], ct)
+			}
+		}
 		for k := i; k < j; {
 			s := v.entries[b0+k].Load()
 			m := k + 1
@@ -259,6 +294,14 @@ func (v *Volume) readBlocks(p []byte, b0 uint64) error {
 // durable when it returns. Writes of less than a block read, modify and
 // write the block.
 func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
+	v.stats.ClientWritten.Add(uint64(len(p)))
+	return v.writeAt(p, off, fua, true)
+}
+
+// writeAt is WriteAt; skipZero lets all-zero blocks that read as zeros
+// already stay FREE (false for WRITE_ZEROES with NO_HOLE, which asks for
+// allocated zeros).
+func (v *Volume) writeAt(p []byte, off int64, fua, skipZero bool) error {
 	if err := v.writable(); err != nil {
 		return err
 	}
@@ -280,7 +323,7 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 		defer unlock()
 		head := uint64(off) - b0*blockSize
 		if head == 0 && len(p)%blockSize == 0 {
-			return v.writeBlocks(p, b0) // whole blocks: no staging copy
+			return v.writeBlocks(p, b0, skipZero) // whole blocks: no staging copy
 		}
 		buf := bufpool.Get(int(b1-b0) * blockSize)
 		defer bufpool.Put(buf)
@@ -296,7 +339,7 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 			}
 		}
 		copy(buf[head:], p)
-		return v.writeBlocks(buf[:(b1-b0)*blockSize], b0)
+		return v.writeBlocks(buf[:(b1-b0)*blockSize], b0, skipZero)
 	}()
 	if err != nil {
 		return err
@@ -309,17 +352,29 @@ func (v *Volume) WriteAt(p []byte, off int64, fua bool) error {
 
 // writeBlocks encrypts and stores whole blocks at b0. Caller holds the gate
 // (shared) and the stripes (exclusive). A FREE block takes its owner's key
-// (keyFor); a trimmed block whose FREE state is not yet durable takes back
-// the slot it had; a live block keeps its slot.
-func (v *Volume) writeBlocks(plain []byte, b0 uint64) error {
+// (assignKeys); a trimmed block whose FREE state is not yet durable takes
+// back the slot it had; a live block keeps its slot. With skipZero, an
+// all-zero block that reads as zeros already (FREE or trimmed) stays so:
+// nothing is stored and no key is chosen for it.
+func (v *Volume) writeBlocks(plain []byte, b0 uint64, skipZero bool) error {
 	n := uint64(len(plain) / blockSize)
 	slots := make([]uint32, n)
+	var free []bool
 	changed := false
 	for i := range slots {
 		e := v.entries[b0+uint64(i)].Load()
+		isFree := e == layout.FreeEntry || e&trimmedFlag != 0
+		if isFree && skipZero && isZero(plain[i*blockSize:(i+1)*blockSize]) {
+			slots[i] = skipSlot
+			v.stats.ZeroSkipped.Add(1)
+			continue
+		}
 		switch {
 		case e == layout.FreeEntry:
-			slots[i] = v.keyFor(b0 + uint64(i))
+			if free == nil {
+				free = make([]bool, n)
+			}
+			free[i] = true
 			changed = true
 		case e&trimmedFlag != 0:
 			slots[i] = e & slotMask
@@ -328,12 +383,19 @@ func (v *Volume) writeBlocks(plain []byte, b0 uint64) error {
 			slots[i] = e
 		}
 	}
+	if free != nil {
+		v.assignKeys(plain, b0, slots, free)
+	}
 	ct := bufpool.Get(len(plain))
 	defer bufpool.Put(ct)
 	for k := uint64(0); k < n; {
 		m := k + 1
 		for m < n && slots[m] == slots[k] {
 			m++
+		}
+		if slots[k] == skipSlot {
+			k = m
+			continue
 		}
 		c, err := v.cipherFor(slots[k])
 		if err != nil {
@@ -342,8 +404,20 @@ func (v *Volume) writeBlocks(plain []byte, b0 uint64) error {
 		c.EncryptBlocks(ct[k*blockSize:m*blockSize], plain[k*blockSize:m*blockSize], b0+k)
 		k = m
 	}
-	if _, err := v.st.WriteAt(ct[:len(plain)], v.geo.BlockOff(b0)); err != nil {
-		return fmt.Errorf("volume: write blocks %d..%d: %w", b0, b0+n-1, err)
+	// One write per run of stored blocks.
+	for k := uint64(0); k < n; {
+		if slots[k] == skipSlot {
+			k++
+			continue
+		}
+		m := k + 1
+		for m < n && slots[m] != skipSlot {
+			m++
+		}
+		if _, err := v.st.WriteAt(ct[k*blockSize:m*blockSize], v.geo.BlockOff(b0+k)); err != nil {
+			return fmt.Errorf("volume: write blocks %d..%d: %w", b0+k, b0+m-1, err)
+		}
+		k = m
 	}
 	if !changed {
 		return nil
@@ -351,13 +425,38 @@ func (v *Volume) writeBlocks(plain []byte, b0 uint64) error {
 	v.dirtyMu.Lock()
 	for i, s := range slots {
 		b := b0 + uint64(i)
-		if v.entries[b].Load() != s {
+		if s == skipSlot {
+			continue
+		}
+		if e := v.entries[b].Load(); e != s {
 			v.entries[b].Store(s)
 			v.dirty[b] = struct{}{}
+			if e == layout.FreeEntry || e&trimmedFlag != 0 {
+				v.counts[s].Add(1)
+			}
 		}
 	}
 	v.dirtyMu.Unlock()
+	v.rk.gen.Add(1)
 	return nil
+}
+
+// skipSlot marks, in writeBlocks, a block that is not stored.
+const skipSlot = ^uint32(0)
+
+func isZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // Trim frees the whole blocks inside [off, off+n): they read as zeros at
@@ -383,6 +482,7 @@ func (v *Volume) Trim(off int64, n int64, fua bool) error {
 			}
 			v.entries[b].Store(e | trimmedFlag)
 			v.dirty[b] = struct{}{}
+			v.counts[e].Add(-1)
 		}
 		v.dirtyMu.Unlock()
 		unlock()
@@ -448,7 +548,7 @@ func (v *Volume) writeZeros(off, n int64, fua bool) error {
 	z := bufpool.Get(int(n))
 	defer bufpool.Put(z)
 	clear(z[:n])
-	return v.WriteAt(z[:n], off, fua)
+	return v.writeAt(z[:n], off, fua, false)
 }
 
 // Extent is a run of blocks with the same allocation state.
