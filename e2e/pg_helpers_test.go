@@ -50,11 +50,17 @@ func worldDir(t *testing.T) string {
 type stack struct {
 	name, vol, mnt, runDir string
 	serveArgs              []string
+	noWatch                bool // volume key only (up --no-watch)
 }
 
 func newStack(t *testing.T, dir, name string, serveArgs ...string) *stack {
 	t.Helper()
-	s := &stack{name: name, vol: filepath.Join(dir, name+".vol"), mnt: filepath.Join(dir, name+".mnt"), runDir: filepath.Join(dir, "run"), serveArgs: serveArgs}
+	return newStackWith(t, &stack{name: name, vol: filepath.Join(dir, name+".vol"), mnt: filepath.Join(dir, name+".mnt"), runDir: filepath.Join(dir, "run"), serveArgs: serveArgs})
+}
+
+func newStackWith(t *testing.T, s *stack) *stack {
+	t.Helper()
+	name := s.name
 	// Keys from an independent KMIP server (PyKMIP), as in production.
 	k := sharedPyKMS(t)
 	mustRun(t, time.Minute, tdeshimBin, append([]string{"init", "--volume", s.vol, "--size", "2G", "--key-provider", "kmip",
@@ -67,6 +73,9 @@ func newStack(t *testing.T, dir, name string, serveArgs ...string) *stack {
 func (s *stack) up(t *testing.T) {
 	t.Helper()
 	args := []string{"up", "--volume", s.vol, "--mount", s.mnt, "--name", s.name, "--run-dir", s.runDir, "--owner", "postgres"}
+	if s.noWatch {
+		args = append(args, "--no-watch")
+	}
 	for _, a := range s.serveArgs {
 		args = append(args, "--serve-arg", a)
 	}

@@ -24,7 +24,8 @@ const pgCanary = "tdshmcanary"
 func TestPostgresCanariesNeverReachTheDisk(t *testing.T) {
 	needPG(t)
 	dir := worldDir(t)
-	s := newStack(t, dir, "canary")
+	// Volume key only: the encryption floor, whatever the watcher does.
+	s := newStackWith(t, &stack{name: "canary", vol: filepath.Join(dir, "canary.vol"), mnt: filepath.Join(dir, "canary.mnt"), runDir: filepath.Join(dir, "run"), noWatch: true})
 	p := initPG(t, s.mnt)
 	p.sql(t, "postgres", `
 CREATE TABLE `+pgCanary+`_named_table (id int PRIMARY KEY, v text, big text);
@@ -69,6 +70,12 @@ DO $$ BEGIN RAISE LOG '`+pgCanary+`-log-line'; END $$;`)
 		t.Fatalf("PLAINTEXT: %d occurrences of %q in the backing file", n, pgCanary)
 	}
 	s.up(t)
+	// Negative control for the audit of the per-relation tests: without
+	// the watcher no relation has a key of its own, and audit says so.
+	out, err := run(t, 5*time.Minute, tdeshimBin, "key", "audit", "--volume", s.vol, "--pgdata", p.data)
+	if err == nil || !strings.Contains(out, "not under their owner's key") {
+		t.Fatalf("audit of a volume-key-only cluster passed:\n%s", out)
+	}
 	p.start(t)
 	if got := p.sql(t, "postgres", "SELECT nextval('"+pgCanary+"_seq')"); got != "2" {
 		t.Fatalf("sequence after remount: %s", got)

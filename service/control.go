@@ -15,8 +15,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/tdeshim/tdeshim/keys"
+	"github.com/tdeshim/tdeshim/layout"
 	"github.com/tdeshim/tdeshim/nbd"
 	"github.com/tdeshim/tdeshim/volume"
+	"github.com/tdeshim/tdeshim/walwatch"
 )
 
 // The control socket lets tdeshim commands act on a volume that a running
@@ -45,6 +47,40 @@ type ControlRequest struct {
 	// create it in the KMS.
 	Principal keys.Config `json:"principal,omitempty"`
 	Create    bool        `json:"create,omitempty"`
+	// state: include the per-key report (status --relations).
+	Relations bool `json:"relations,omitempty"`
+	// rotate-keys and shred: which keys.
+	Target *KeyTarget `json:"target,omitempty"`
+}
+
+// KeyTarget selects data keys for rotate-keys and shred.
+type KeyTarget struct {
+	Relation  *layout.RelKey `json:"relation,omitempty"`
+	Database  *uint32        `json:"database,omitempty"`
+	WAL       bool           `json:"wal,omitempty"`
+	VolumeKey bool           `json:"volume_key,omitempty"`
+	All       bool           `json:"all,omitempty"`
+	// Force shreds a relation whose files still exist (its blocks move
+	// to a new key; copies made before are unreadable).
+	Force bool `json:"force,omitempty"`
+}
+
+// Select reports whether an active slot is one the target names.
+func (t *KeyTarget) Select(sl layout.Slot) bool {
+	switch {
+	case t.All:
+		return true
+	case t.WAL:
+		return sl.Kind == layout.KindWAL
+	case t.VolumeKey:
+		return sl.Kind == layout.KindVolume
+	case t.Database != nil:
+		return sl.Kind == layout.KindRelation && sl.Database == *t.Database
+	case t.Relation != nil:
+		return sl.Kind == layout.KindRelation && sl.Tablespace == t.Relation.Tablespace &&
+			sl.Database == t.Relation.Database && sl.RelNode == t.Relation.RelNode
+	}
+	return false
 }
 
 // ControlReply is the answer.
@@ -57,17 +93,30 @@ type ControlReply struct {
 	Stats       map[string]uint64 `json:"stats,omitempty"`
 	Usage       map[uint32]uint64 `json:"blocks_by_slot,omitempty"`
 	Principal   keys.Config       `json:"principal"`
+	Rekey       volume.RekeyStats `json:"rekey"`
+	Keys        *volume.KeyReport `json:"keys,omitempty"`
+	Watch       *walwatch.Status  `json:"watch,omitempty"`
+	Retired     []uint32          `json:"retired_slots,omitempty"`
 }
 
 type control struct{ ln net.Listener }
+
+// controlDeps is what control requests act on.
+type controlDeps struct {
+	vol   *volume.Volume
+	srv   *nbd.Server
+	h     *Health
+	watch *walwatch.Watcher // nil without --watch
+	log   *slog.Logger
+}
 
 func (c *control) Close() error {
 	os.Remove(c.ln.Addr().String())
 	return c.ln.Close()
 }
 
-func startControl(ctx context.Context, cfg Config, vol *volume.Volume, srv *nbd.Server, h *Health, log *slog.Logger) (*control, error) {
-	path := ControlPath(cfg.ControlDir, vol.Header().UUID)
+func startControl(ctx context.Context, cfg Config, d controlDeps) (*control, error) {
+	path := ControlPath(cfg.ControlDir, d.vol.Header().UUID)
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
@@ -84,14 +133,15 @@ func startControl(ctx context.Context, cfg Config, vol *volume.Volume, srv *nbd.
 			if err != nil {
 				return
 			}
-			go handleControl(ctx, c, vol, srv, h, log)
+			go handleControl(ctx, c, d)
 		}
 	}()
 	return &control{ln: ln}, nil
 }
 
-func handleControl(ctx context.Context, c net.Conn, vol *volume.Volume, srv *nbd.Server, h *Health, log *slog.Logger) {
+func handleControl(ctx context.Context, c net.Conn, d controlDeps) {
 	defer c.Close()
+	vol, log := d.vol, d.log
 	var req ControlRequest
 	line, err := bufio.NewReader(c).ReadBytes('\n')
 	if err == nil {
@@ -108,18 +158,58 @@ func handleControl(ctx context.Context, c net.Conn, vol *volume.Volume, srv *nbd
 		if err != nil {
 			rep.Error = err.Error()
 		}
+	case req.Op == "rotate-keys" && req.Target != nil:
+		rep.Retired, err = vol.RotateKeys(ctx, func(_ uint32, sl layout.Slot) bool { return req.Target.Select(sl) })
+		if err != nil {
+			rep.Error = err.Error()
+		}
+		log.Info("rotating data keys online", "keys", len(rep.Retired))
+	case req.Op == "shred" && req.Target != nil && req.Target.Relation != nil:
+		rep.Retired, err = shred(ctx, d, *req.Target)
+		if err != nil {
+			rep.Error = err.Error()
+		}
 	default:
-		rep.Error = fmt.Sprintf("unknown op %q", req.Op)
+		rep.Error = fmt.Sprintf("unknown or incomplete op %q", req.Op)
 	}
-	rep.KMS, rep.KMSChecked = h.get()
+	rep.KMS, rep.KMSChecked = d.h.get()
 	rep.Suspended = vol.Suspended()
-	rep.Connections = srv.Connections()
+	rep.Connections = d.srv.Connections()
+	rep.Rekey = vol.RekeyStatsSnapshot()
+	if req.Relations {
+		kr := vol.KeyReport()
+		rep.Keys = &kr
+	}
+	if d.watch != nil {
+		ws := d.watch.Status()
+		rep.Watch = &ws
+	}
 	rep.Stats = vol.StatsSnapshot()
 	rep.Usage = vol.Usage()
 	if p := vol.Provider(); p != nil {
 		rep.Principal = p.Config()
 	}
 	json.NewEncoder(c).Encode(rep)
+}
+
+// shred retires a relation's key now, without a successor; refused while
+// the watcher sees its files, unless forced.
+func shred(ctx context.Context, d controlDeps, t KeyTarget) ([]uint32, error) {
+	rel := *t.Relation
+	s := d.vol.RelationSlot(rel)
+	if s == 0 {
+		return nil, fmt.Errorf("relation %d/%d/%d has no active key (already shredded, or never seen)", rel.Tablespace, rel.Database, rel.RelNode)
+	}
+	if ix := d.vol.Index(); ix != nil && !t.Force {
+		if n, ok := ix.Relations()[rel]; ok {
+			return nil, fmt.Errorf("relation %d/%d/%d still has files (%d blocks): drop it in PostgreSQL first, or pass --force (its data moves to a new key)", rel.Tablespace, rel.Database, rel.RelNode, n)
+		}
+	}
+	if err := d.vol.Retire(ctx, s, false); err != nil {
+		return nil, err
+	}
+	d.log.Info("crypto-shredding on request", "relation", fmt.Sprintf("%d/%d/%d", rel.Tablespace, rel.Database, rel.RelNode), "slot", s)
+	return []uint32{s}, nil
 }
 
 // OpenProvider opens a provider from settings; for KMIP, create makes and

@@ -22,6 +22,7 @@ import (
 	"github.com/tdeshim/tdeshim/nbd"
 	"github.com/tdeshim/tdeshim/store"
 	"github.com/tdeshim/tdeshim/volume"
+	"github.com/tdeshim/tdeshim/walwatch"
 )
 
 // Config is what serve needs; everything else comes from the volume header.
@@ -44,6 +45,16 @@ type Config struct {
 	// VolatileCacheModel keeps writes in memory until a flush, so SIGKILL
 	// loses what a power cut would. For power-loss tests only.
 	VolatileCacheModel bool
+	// Watch is where the volume's filesystem is (or will be) mounted:
+	// per-relation and WAL keys follow its files. Empty: volume key only.
+	Watch string
+	// RekeyRate bounds the rekeyer (bytes per second; 0 = unlimited).
+	RekeyRate int64
+	// ShredGrace: how long a relfilenode's files must be gone before its
+	// key is destroyed (negative: never automatically).
+	ShredGrace time.Duration
+	// Catalog, if set, must agree that a relfilenode is gone before a shred.
+	Catalog walwatch.Catalog
 }
 
 // Run serves until ctx is cancelled, then drains in-flight requests,
@@ -105,7 +116,24 @@ func Run(ctx context.Context, cfg Config) error {
 		addrs = append(addrs, spec)
 	}
 	health := &Health{}
-	ctl, err := startControl(ctx, cfg, vol, srv, health, log)
+	// The watcher and the rekeyer stop before the volume closes.
+	bgCtx, bgStop := context.WithCancel(ctx)
+	var bg sync.WaitGroup
+	defer func() { bgStop(); bg.Wait() }()
+	var watcher *walwatch.Watcher
+	if !cfg.ReadOnly {
+		if cfg.Watch != "" {
+			watcher = walwatch.New(walwatch.Config{Mount: cfg.Watch, Volume: vol, Logger: log, ShredGrace: cfg.ShredGrace, Catalog: cfg.Catalog})
+			bg.Add(1)
+			go func() { defer bg.Done(); watcher.Run(bgCtx) }()
+		}
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			vol.RunRekeyer(bgCtx, volume.RekeyOptions{Rate: cfg.RekeyRate})
+		}()
+	}
+	ctl, err := startControl(ctx, cfg, controlDeps{vol: vol, srv: srv, h: health, watch: watcher, log: log})
 	if err != nil {
 		log.Warn("no control socket; online key rotation and live status are unavailable", "err", err)
 	} else {
@@ -139,6 +167,8 @@ func Run(ctx context.Context, cfg Config) error {
 			os.Remove(u.Name)
 		}
 	}
+	bgStop()
+	bg.Wait()
 	if err := vol.Close(); err != nil && serveErr == nil {
 		serveErr = err
 	}

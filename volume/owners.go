@@ -455,3 +455,21 @@ func relString(r layout.RelKey) string {
 func slotOwner(sl *layout.Slot) layout.Owner {
 	return layout.Owner{Kind: sl.Kind, Rel: layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}}
 }
+
+// RotateKeys gives every active key that sel picks a fresh replacement and
+// retires it; the rekeyer then re-encrypts its blocks under the new key
+// and destroys the old one. It returns the retired slots.
+func (v *Volume) RotateKeys(ctx context.Context, sel func(slot uint32, sl layout.Slot) bool) ([]uint32, error) {
+	var picked []uint32
+	for i, sl := range v.Slots() {
+		if i > 0 && sl.State == layout.SlotActive && sel(uint32(i), sl) {
+			picked = append(picked, uint32(i))
+		}
+	}
+	for _, s := range picked {
+		if err := v.Retire(ctx, s, true); err != nil {
+			return nil, err
+		}
+	}
+	return picked, nil
+}

@@ -22,8 +22,8 @@ func keyCommand() *cli.Command {
 	vol := &cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}}
 	return &cli.Command{
 		Name:  "key",
-		Usage: "principal keys: info, verify, rotate",
-		Subcommands: withLogging(
+		Usage: "principal keys (info, verify, rotate-principal) and data keys (rotate, shred)",
+		Subcommands: withLogging(append([]*cli.Command{
 			&cli.Command{
 				Name:  "info",
 				Usage: "show the principal key(s), where they live, their KMS state and the slots they wrap",
@@ -58,7 +58,7 @@ flags.`,
 				Flags:  append([]cli.Flag{vol}, providerFlags()...),
 				Action: rotatePrincipal,
 			},
-		),
+		}, append(dataKeyCommands(vol), auditCommand(vol))...)...),
 	}
 }
 

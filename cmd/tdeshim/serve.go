@@ -32,6 +32,15 @@ Listeners (repeatable):
    unix:/run/tdeshim/pg.sock   mode 0600, the default choice
    tcp:127.0.0.1:10809         loopback only unless --allow-remote-plaintext
 
+Per-relation keys (--watch MOUNT): give the path where the volume's ext4
+filesystem is, or will be, mounted (it may be mounted later; serve checks the
+filesystem's UUID is this volume's before trusting it). Every relfilenode then
+gets its own data key, pg_wal its WAL key, everything else the volume key.
+Blocks written before their file was seen take the volume key and are moved
+by the rekeyer (--rekey-rate). A relfilenode whose files are gone for
+--shred-grace has its key destroyed (crypto-shredding): copies of the backing
+store made before can no longer be decrypted there.
+
 Exit status 0 after a clean shutdown.`,
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}},
@@ -40,6 +49,9 @@ Exit status 0 after a clean shutdown.`,
 			&cli.BoolFlag{Name: "allow-remote-plaintext", Usage: "allow TCP on non-loopback addresses: blocks cross the network UNENCRYPTED"},
 			&cli.DurationFlag{Name: "kms-check-interval", Value: time.Minute, Usage: "check the principal key in the KMS this often; a revoked or destroyed key suspends the volume (0: never)", EnvVars: []string{"TDESHIM_KMS_CHECK_INTERVAL"}},
 			&cli.BoolFlag{Name: "unsafe-volatile-cache-model", Hidden: true, Usage: "power-loss tests: keep writes in memory until FLUSH"},
+			&cli.StringFlag{Name: "watch", Usage: "mount point of the volume's filesystem (PGDATA inside it): per-relation and WAL keys", EnvVars: []string{"TDESHIM_WATCH"}},
+			&cli.StringFlag{Name: "rekey-rate", Value: "32MiB", Usage: "rekeyer bandwidth per second (each moved block costs a journal copy and an in-place write; 0 = unlimited)", EnvVars: []string{"TDESHIM_REKEY_RATE"}},
+			&cli.DurationFlag{Name: "shred-grace", Value: 10 * time.Minute, Usage: "destroy a relfilenode's key once its files are gone this long (negative: never automatically)", EnvVars: []string{"TDESHIM_SHRED_GRACE"}},
 			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "directory for the control socket (live status, online rotation)", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
 		}, kmipConnFlags()...),
 		Action: func(c *cli.Context) error {
@@ -49,7 +61,16 @@ Exit status 0 after a clean shutdown.`,
 			if err != nil {
 				return err
 			}
+			rate := uint64(0)
+			if r := c.String("rekey-rate"); r != "0" {
+				if rate, err = parseSize(r); err != nil {
+					return fmt.Errorf("--rekey-rate: %w", err)
+				}
+			}
 			return service.Run(ctx, service.Config{
+				Watch:                c.String("watch"),
+				RekeyRate:            int64(rate),
+				ShredGrace:           c.Duration("shred-grace"),
 				Volume:               c.String("volume"),
 				Listen:               c.StringSlice("listen"),
 				ReadOnly:             c.Bool("read-only"),

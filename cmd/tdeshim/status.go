@@ -22,10 +22,17 @@ func statusCommand() *cli.Command {
 		Usage:     "show a volume's format, keys and usage (no key needed)",
 		ArgsUsage: " ",
 		Description: `Reads the header, key table, key map and journal without unwrapping any key,
-so it works without access to the principal key and while serve runs.`,
+so it works without access to the principal key and while serve runs. While
+serve runs, it also asks serve (control socket) for what only it knows: KMS
+health, connections, and with --relations which blocks belong to which
+relation (from its watcher), rekey lag and pending shreds.
+
+   tdeshim status --volume /var/lib/tdeshim/pg.vol --relations
+   tdeshim status --volume /var/lib/tdeshim/pg.vol --relations --json | jq '.relations[]'`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}},
 			&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
+			&cli.BoolFlag{Name: "relations", Usage: "per-relation keys: slot, blocks under its own key and under another, rekey lag, shredding"},
 			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "where serve's control socket is", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
 		},
 		Action: runStatus,
@@ -51,12 +58,19 @@ type Status struct {
 	Blocks        BlockSummary          `json:"blocks"`
 	Journal       JournalSummary        `json:"journal"`
 	MetadataBytes int64                 `json:"metadata_bytes"`
+	// With --relations: one entry per relfilenode key (a contract for
+	// scripts: tablespace_oid, database_oid, relfilenode, key_slot,
+	// blocks_own_key, blocks_other_key, name), and the rest of the key
+	// overview.
+	Relations []volume.RelationReport `json:"relations,omitempty"`
+	Keys      *volume.KeyReport       `json:"keys,omitempty"`
 }
 
 type SlotSummary struct {
 	Total     uint32 `json:"total"`
 	Active    int    `json:"active"`
 	Destroyed int    `json:"destroyed"`
+	Retiring  int    `json:"retiring"`
 	Volume    int    `json:"volume"`
 	WAL       int    `json:"wal"`
 	Relation  int    `json:"relation"`
@@ -93,9 +107,20 @@ func runStatus(c *cli.Context) error {
 	}
 	out := summarize(path, s, inUse)
 	if inUse {
-		// serve knows more than the disk: KMS health, suspension.
-		if rep, err := service.Ask(service.ControlPath(c.String("control-dir"), s.Header.UUID), service.ControlRequest{Op: "state"}, 10*time.Second); err == nil {
+		// serve knows more than the disk: KMS health, suspension, owners.
+		if rep, err := service.Ask(service.ControlPath(c.String("control-dir"), s.Header.UUID), service.ControlRequest{Op: "state", Relations: c.Bool("relations")}, time.Minute); err == nil {
 			out.Live = rep
+			out.Keys, rep.Keys = rep.Keys, nil
+		}
+	}
+	if c.Bool("relations") {
+		if out.Keys == nil {
+			kr := volume.BuildKeyReport(s.Slots, func(b uint64) uint32 { return s.Entries[b] }, s.Header.Geometry.Blocks(), nil, s.Header.VolumeKeySlot)
+			out.Keys = &kr
+		}
+		out.Relations, out.Keys.Relations = out.Keys.Relations, nil
+		if out.Relations == nil {
+			out.Relations = []volume.RelationReport{}
 		}
 	}
 	if c.Bool("json") {
@@ -149,6 +174,8 @@ func summarize(path string, s *volume.State, inUse bool) Status {
 			}
 		case layout.SlotDestroyed:
 			out.Slots.Destroyed++
+		case layout.SlotRetiring:
+			out.Slots.Retiring++
 		}
 	}
 	out.Blocks.Total = g.Blocks()
@@ -213,6 +240,66 @@ func printStatus(s Status) {
 	fmt.Printf("blocks      %d used (%.1f%%), %d free, %d total\n", s.Blocks.Used, pct, s.Blocks.Free, s.Blocks.Total)
 	fmt.Printf("journal     epoch %d, %d records pending (%d of %d blocks)\n",
 		s.Journal.Epoch, s.Journal.PendingRecords, s.Journal.UsedBlocks, s.Journal.CapacityBlocks)
+	if s.Live != nil && s.Live.Watch != nil {
+		w := s.Live.Watch
+		switch {
+		case w.Problem != "":
+			fmt.Printf("watch       %s: NOT INDEXING — %s\n", w.Mount, w.Problem)
+		default:
+			fmt.Printf("watch       %s: data directory %s, %d files indexed, %d scans, %d events\n", w.Mount, w.DataDir, w.Files, w.Scans, w.Events)
+		}
+	}
+	if s.Live != nil {
+		r := s.Live.Rekey
+		fmt.Printf("rekeyer     %d blocks pending (oldest %.1f s), %d moved, amplification %.2f%%, lag p99 %.2f s\n",
+			r.PendingBlocks, r.LagSeconds, r.MovedBlocks, 100*r.Amplification, r.LagP99Seconds)
+	}
+	if s.Keys != nil {
+		printKeys(s)
+	}
+}
+
+func printKeys(s Status) {
+	k := s.Keys
+	src := "from the key map only (serve --watch is not indexing: blocks of other owners are not counted)"
+	if k.Watched {
+		src = "ownership from serve's watcher"
+	}
+	fmt.Printf("\nrelation keys: %d — %s\n", len(s.Relations), src)
+	if len(s.Relations) > 0 {
+		fmt.Printf("  %-10s %-11s %-6s %-6s %10s %10s  %s\n", "DATABASE", "RELFILENODE", "SPC", "SLOT", "OWN KEY", "OTHER KEY", "NAME")
+		for _, r := range s.Relations {
+			name := "-"
+			if r.Name != nil {
+				name = *r.Name
+			}
+			slot := fmt.Sprint(r.KeySlot)
+			if r.KeySlot == 0 {
+				slot = "none"
+			}
+			fmt.Printf("  %-10d %-11d %-6d %-6s %10d %10d  %s\n", r.DatabaseOID, r.RelFileNode, r.TablespaceOID, slot, r.BlocksOwnKey, r.BlocksOtherKey, name)
+		}
+	}
+	if k.WAL != nil {
+		fmt.Printf("WAL key     slot %d: %d blocks under it", k.WAL.KeySlot, k.WAL.BlocksUnderKey)
+		if k.Watched {
+			fmt.Printf("; WAL files: %d blocks under the WAL key, %d under another", k.WAL.BlocksOwnKey, k.WAL.BlocksOtherKey)
+		}
+		fmt.Println()
+	} else {
+		fmt.Println("WAL key     none yet (created when serve --watch first sees pg_wal)")
+	}
+	fmt.Printf("volume key  slot %d: %d blocks (filesystem metadata, other files, not yet classified)\n", k.Volume.KeySlot, k.Volume.BlocksUnderKey)
+	for _, r := range k.Retiring {
+		fmt.Printf("retiring    slot %d (%s %s): %d blocks left to move, then destroyed\n", r.KeySlot, r.Kind, r.Owner, r.Blocks)
+	}
+	if s.Live != nil && s.Live.Watch != nil {
+		for _, p := range s.Live.Watch.PendingShred {
+			fmt.Printf("shred due   %d/%d/%d: files gone since %s; key destroyed after %s\n", p.Rel.Tablespace, p.Rel.Database, p.Rel.RelNode, p.Since.Format(time.RFC3339), p.Due.Format(time.RFC3339))
+		}
+	}
+	fmt.Printf("destroyed   %d keys (crypto-shredded or rotated away)\n", k.Destroyed)
+	fmt.Printf("memory      key map %s, block index %s\n", humanBytes(k.KeyMapBytes), humanBytes(k.IndexBytes))
 }
 
 // explain adds what to do next to format errors.

@@ -43,6 +43,8 @@ func upCommand() *cli.Command {
    → tdeshim attach (kernel NBD, or nbdfuse + loop)
    → mkfs.ext4 -b 4096 (only if the device holds no ext4 yet)
    → mount -o nodelalloc,discard
+serve watches the mount (--watch) so each relation and the WAL get their own
+data keys; --no-watch keeps everything under the volume key.
 Refuses a volume another serve holds and a directory that is already a
 mount point. Undo with: tdeshim down --name NAME (or --mount DIR).`,
 		Flags: []cli.Flag{
@@ -52,7 +54,8 @@ mount point. Undo with: tdeshim down --name NAME (or --mount DIR).`,
 			&cli.StringFlag{Name: "run-dir", Value: defaultRunDir(), Usage: "sockets, state and logs"},
 			&cli.StringFlag{Name: "via", Value: "auto", Usage: "attach route: kernel, fuse-loop or auto"},
 			&cli.StringFlag{Name: "owner", Usage: "chown the mounted filesystem's root to this user (e.g. postgres)"},
-			&cli.StringSliceFlag{Name: "serve-arg", Usage: "extra argument for serve (repeatable)"},
+			&cli.StringSliceFlag{Name: "serve-arg", Usage: "extra argument for serve (repeatable), e.g. --serve-arg=--shred-grace=1h"},
+			&cli.BoolFlag{Name: "no-watch", Usage: "volume key only: do not give serve --watch (no per-relation or WAL keys)"},
 		},
 		Action: runUp,
 	}
@@ -114,7 +117,15 @@ func runUp(c *cli.Context) error {
 	}
 	defer logf.Close()
 	os.Remove(st.Socket) // stale after a crash; the volume lock says nobody serves it
-	args := append([]string{"serve", "--volume", vol, "--listen", "unix:" + st.Socket, "--control-dir", runDir}, c.StringSlice("serve-arg")...)
+	args := []string{"serve", "--volume", vol, "--listen", "unix:" + st.Socket, "--control-dir", runDir}
+	if !c.Bool("no-watch") {
+		abs, err := filepath.Abs(c.String("mount"))
+		if err != nil {
+			return err
+		}
+		args = append(args, "--watch", abs)
+	}
+	args = append(args, c.StringSlice("serve-arg")...)
 	cmd := exec.Command(self, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
