@@ -163,7 +163,15 @@ func (p *pg) start(t *testing.T, extra ...string) {
 	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses='' -c logging_collector=on -c log_directory=log -c log_temp_files=0 -c wal_level=replica -c max_wal_senders=4 %s", p.port, p.sock, strings.Join(extra, " "))
 	if out, err := asPostgres(t, 3*time.Minute, pgBin+"/pg_ctl", "-D", p.data, "-o", opts, "-w", "-t", "170", "-l", filepath.Join(filepath.Dir(p.data), "startup.log"), "start"); err != nil {
 		b, _ := os.ReadFile(filepath.Join(filepath.Dir(p.data), "startup.log"))
-		t.Fatalf("pg_ctl start: %v\n%s\n%s", err, out, b)
+		logs, _ := filepath.Glob(filepath.Join(p.data, "log", "*"))
+		var last []byte
+		if len(logs) > 0 {
+			last, _ = os.ReadFile(logs[len(logs)-1])
+			if len(last) > 4000 {
+				last = last[len(last)-4000:]
+			}
+		}
+		t.Fatalf("pg_ctl start: %v\n%s\n%s\nserver log:\n%s", err, out, b, last)
 	}
 }
 

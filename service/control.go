@@ -51,6 +51,8 @@ type ControlRequest struct {
 	Relations bool `json:"relations,omitempty"`
 	// rotate-keys and shred: which keys.
 	Target *KeyTarget `json:"target,omitempty"`
+	// set-principal: the database that gets Principal as its own key.
+	Database uint32 `json:"database,omitempty"`
 }
 
 // KeyTarget selects data keys for rotate-keys and shred.
@@ -97,6 +99,10 @@ type ControlReply struct {
 	Keys        *volume.KeyReport `json:"keys,omitempty"`
 	Watch       *walwatch.Status  `json:"watch,omitempty"`
 	Retired     []uint32          `json:"retired_slots,omitempty"`
+	Rewrapped   int               `json:"rewrapped,omitempty"`
+	// SuspendedPrincipals: database principal keys found revoked.
+	SuspendedPrincipals map[uint16]string `json:"suspended_principals,omitempty"`
+	Databases           map[uint32]uint16 `json:"database_principals,omitempty"`
 }
 
 type control struct{ ln net.Listener }
@@ -158,6 +164,15 @@ func handleControl(ctx context.Context, c net.Conn, d controlDeps) {
 		if err != nil {
 			rep.Error = err.Error()
 		}
+	case req.Op == "set-principal" && req.Database != 0:
+		log.Info("giving a database its own principal key", "database", req.Database, "principal", req.Principal.Principal)
+		var p keys.Provider
+		if p, err = OpenProvider(ctx, req.Principal, req.Create); err == nil {
+			rep.Rewrapped, err = vol.SetDatabasePrincipal(ctx, req.Database, p)
+		}
+		if err != nil {
+			rep.Error = err.Error()
+		}
 	case req.Op == "rotate-keys" && req.Target != nil:
 		rep.Retired, err = vol.RotateKeys(ctx, func(_ uint32, sl layout.Slot) bool { return req.Target.Select(sl) })
 		if err != nil {
@@ -176,6 +191,8 @@ func handleControl(ctx context.Context, c net.Conn, d controlDeps) {
 	rep.Suspended = vol.Suspended()
 	rep.Connections = d.srv.Connections()
 	rep.Rekey = vol.RekeyStatsSnapshot()
+	rep.SuspendedPrincipals = vol.SuspendedPrincipals()
+	rep.Databases = vol.Principals().Databases
 	if req.Relations {
 		kr := vol.KeyReport()
 		rep.Keys = &kr

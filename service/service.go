@@ -230,19 +230,24 @@ func watchKMS(ctx context.Context, vol *volume.Volume, every time.Duration, h *H
 		case <-t.C:
 		}
 		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		err := vol.Check(cctx)
+		bad := vol.CheckPrincipals(cctx)
 		cancel()
-		switch {
-		case err == nil:
-			h.set("ok")
-		case errors.Is(err, keys.ErrPrincipalInactive), errors.Is(err, keys.ErrPrincipalNotFound):
-			h.set("suspended: " + err.Error())
-			vol.Suspend(err)
-			return
-		default:
-			h.set("unreachable: " + err.Error())
-			log.Warn("KMS check failed; serving on with the keys in memory", "err", err)
+		status := "ok"
+		for _, pe := range bad {
+			switch {
+			case volume.IsRevoked(pe.Err) && len(pe.Database) == 0:
+				h.set("suspended: " + pe.Err.Error())
+				vol.Suspend(pe.Err)
+				return
+			case volume.IsRevoked(pe.Err):
+				vol.SuspendPrincipal(pe.Entry, pe.Err)
+				status = fmt.Sprintf("ok; principal key of database(s) %v revoked: those databases are unreadable", pe.Database)
+			default:
+				status = "unreachable: " + pe.Err.Error()
+				log.Warn("KMS check failed; serving on with the keys in memory", "err", pe.Err)
+			}
 		}
+		h.set(status)
 	}
 }
 

@@ -43,8 +43,25 @@ func (v *Volume) unwrapAll(ctx context.Context) error {
 			byPrincipal[v.slots[i].Principal] = append(byPrincipal[v.slots[i].Principal], i)
 		}
 	}
+	dbOnly := map[uint16]bool{}
+	for _, n := range v.principals.Databases {
+		dbOnly[n] = n != v.principals.Current
+	}
 	for n, slots := range byPrincipal {
 		p, err := v.provider(ctx, n)
+		if err == nil && dbOnly[n] {
+			err = p.Check(ctx)
+		}
+		if err != nil && dbOnly[n] && IsRevoked(err) {
+			// A tenant's key revoked: its database stays unreadable,
+			// the rest of the volume opens.
+			v.log.Error("a database's principal key is revoked; its relations stay unreadable", "principal", n, "keys", len(slots), "err", err)
+			if v.suspendedPrincipals == nil {
+				v.suspendedPrincipals = map[uint16]error{}
+			}
+			v.suspendedPrincipals[n] = err
+			continue
+		}
 		if err != nil {
 			return err
 		}
@@ -116,60 +133,28 @@ func (v *Volume) RotatePrincipal(ctx context.Context, prov keys.Provider, progre
 	if v.readOnly {
 		return ErrReadOnly
 	}
+	v.keyMu.Lock()
+	defer v.keyMu.Unlock()
 	v.slotsMu.Lock()
 	defer v.slotsMu.Unlock()
-	next := uint16(0)
-	for n := range v.principals.Keys {
-		next = max(next, n+1)
-	}
+	next := v.nextPrincipal()
 	v.principals.Keys[next] = prov.Config()
 	v.provs[next] = prov
 	if err := v.writePrincipalsLocked(); err != nil {
 		return err
 	}
-	var active []uint32
-	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if v.slots[i].HasKey() {
-			active = append(active, i)
-		}
+	// Databases with their own principal key keep it.
+	cur := v.principals.Current
+	if _, err := v.rewrapLocked(ctx, func(i uint32, sl *layout.Slot) bool {
+		return v.wantPrincipal(sl) == cur
+	}, next, progress); err != nil {
+		return err
 	}
-	for done, i := range active {
-		if v.rawKeys[i] == nil {
-			return fmt.Errorf("volume: key slot %d is not unwrapped; cannot rewrap", i)
-		}
-		w, err := prov.Wrap(ctx, v.rawKeys[i], layout.WrapAAD(v.hdr.UUID, i))
-		if err != nil {
-			return fmt.Errorf("volume: rewrap key slot %d: %w (the volume still opens with either key; run the rotation again)", i, err)
-		}
-		sl := v.slots[i]
-		sl.Nonce, sl.Ciphertext, sl.Tag = w.Nonce, w.Ciphertext, w.Tag
-		sl.Principal = next
-		sl.Generation++
-		old := v.slots[i]
-		v.slots[i] = sl
-		if err := v.writeSlot(i); err != nil {
-			v.slots[i] = old
-			return err
-		}
-		if progress != nil {
-			progress(uint64(done+1), uint64(len(active)))
-		}
-	}
-	if err := v.st.Sync(); err != nil {
-		return v.fail(fmt.Errorf("volume: sync key table: %w", err))
-	}
-	// Drop keys no slot names any more.
 	v.principals.Current = next
-	for n := range v.principals.Keys {
-		if n != next {
-			delete(v.principals.Keys, n)
-			if p, ok := v.provs[n]; ok {
-				p.Close()
-				delete(v.provs, n)
-			}
-		}
+	if err := v.writePrincipalsLocked(); err != nil {
+		return err
 	}
-	return v.writePrincipalsLocked()
+	return v.dropUnusedPrincipalsLocked()
 }
 
 func (v *Volume) writePrincipalsLocked() error {

@@ -59,6 +59,9 @@ type Volume struct {
 	// entry some slot uses. Guarded by slotsMu.
 	principals keys.Principals
 	provs      map[uint16]keys.Provider
+	// suspendedPrincipals: database principal keys found revoked; the
+	// data keys they wrap are wiped. Under slotsMu.
+	suspendedPrincipals map[uint16]error
 
 	slotsMu sync.Mutex
 	slots   []layout.Slot               // key table, by slot number

@@ -58,6 +58,21 @@ flags.`,
 				Flags:  append([]cli.Flag{vol}, providerFlags()...),
 				Action: rotatePrincipal,
 			},
+			&cli.Command{
+				Name:  "set-principal",
+				Usage: "give one database its own principal key (a tenant's KMS key)",
+				Description: `Every data key of the database (by OID: SELECT oid FROM pg_database) is
+rewrapped under the named principal key, and its new relations use it too.
+Revoking that key in the KMS then makes that database unreadable — its keys
+are wiped from serve's memory and its blocks fail I/O — while every other
+database, the WAL and the filesystem keep working. Crash-safe like
+rotate-principal: run it again if interrupted.
+
+   tdeshim key set-principal --volume /var/lib/tdeshim/pg.vol \
+       --database 16384 --principal-key tenant-a --create-principal-key`,
+				Flags:  append([]cli.Flag{vol, &cli.UintFlag{Name: "database", Required: true, Usage: "database OID"}}, providerFlags()...),
+				Action: setPrincipal,
+			},
 		}, append(dataKeyCommands(vol), auditCommand(vol))...)...),
 	}
 }
@@ -207,45 +222,9 @@ func rotatePrincipal(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var next keys.Config
-	create := c.Bool("create-principal-key")
-	if c.IsSet("key-provider") {
-		p, err := newProvider(ctx, c, true)
-		if err != nil {
-			return err
-		}
-		next = p.Config()
-		p.Close()
-	} else {
-		cur := pt.CurrentConfig()
-		switch cur.Provider {
-		case "kmip":
-			s := kmipSettingsFromFlags(c, keys.KMIPSettingsFrom(cur))
-			if c.String("principal-key") == "" {
-				return errors.New("rotate-principal: name the new key (--principal-key NAME)")
-			}
-			s.Principal, s.KeyID = c.String("principal-key"), ""
-			if c.IsSet("wrap") {
-				s.Wrap = c.String("wrap")
-			}
-			p, err := keys.OpenKMIP(ctx, s, create)
-			if err != nil {
-				return err
-			}
-			next = p.Config()
-			p.Close()
-			create = false
-		case "file":
-			if c.String("key-file") == "" {
-				return errors.New("rotate-principal: give the new key file (--key-file), or --key-provider kmip")
-			}
-			p, err := newProvider(ctx, c, true)
-			if err != nil {
-				return err
-			}
-			next = p.Config()
-			p.Close()
-		}
+	next, create, err := newPrincipalConfig(ctx, c, pt, "rotate-principal")
+	if err != nil {
+		return err
 	}
 	f, err := store.OpenFile(path, false)
 	if errors.Is(err, store.ErrLocked) {
@@ -305,4 +284,104 @@ func readHeader(path string) (*layout.Header, error) {
 	}
 	defer st.Close()
 	return volume.ReadHeader(st)
+}
+
+// newPrincipalConfig works out the settings of a new principal key from
+// the flags: with --key-provider, a new provider; else the same KMS as the
+// current key, named --principal-key (or a new --key-file). create says
+// whether the key must still be created in the KMS when it is opened.
+func newPrincipalConfig(ctx context.Context, c *cli.Context, pt keys.Principals, cmd string) (keys.Config, bool, error) {
+	var next keys.Config
+	create := c.Bool("create-principal-key")
+	if c.IsSet("key-provider") {
+		p, err := newProvider(ctx, c, true)
+		if err != nil {
+			return keys.Config{}, false, err
+		}
+		next = p.Config()
+		p.Close()
+	} else {
+		cur := pt.CurrentConfig()
+		switch cur.Provider {
+		case "kmip":
+			s := kmipSettingsFromFlags(c, keys.KMIPSettingsFrom(cur))
+			if c.String("principal-key") == "" {
+				return keys.Config{}, false, errors.New(cmd + ": name the new key (--principal-key NAME)")
+			}
+			s.Principal, s.KeyID = c.String("principal-key"), ""
+			if c.IsSet("wrap") {
+				s.Wrap = c.String("wrap")
+			}
+			p, err := keys.OpenKMIP(ctx, s, create)
+			if err != nil {
+				return keys.Config{}, false, err
+			}
+			next = p.Config()
+			p.Close()
+			create = false
+		case "file":
+			if c.String("key-file") == "" {
+				return keys.Config{}, false, errors.New(cmd + ": give the new key file (--key-file), or --key-provider kmip")
+			}
+			p, err := newProvider(ctx, c, true)
+			if err != nil {
+				return keys.Config{}, false, err
+			}
+			next = p.Config()
+			p.Close()
+		}
+	}
+	return next, create, nil
+}
+
+func setPrincipal(c *cli.Context) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	path := c.String("volume")
+	db := uint32(c.Uint("database"))
+	pt, err := readPrincipals(path)
+	if err != nil {
+		return err
+	}
+	next, create, err := newPrincipalConfig(ctx, c, pt, "set-principal")
+	if err != nil {
+		return err
+	}
+	f, err := store.OpenFile(path, false)
+	if errors.Is(err, store.ErrLocked) {
+		h, err := readHeader(path)
+		if err != nil {
+			return err
+		}
+		sock := service.ControlPath("", h.UUID)
+		fmt.Fprintf(os.Stderr, "volume is served; setting the principal key online through %s\n", sock)
+		rep, err := service.Ask(sock, service.ControlRequest{Op: "set-principal", Database: db, Principal: next, Create: create}, 30*time.Minute)
+		if err != nil {
+			return fmt.Errorf("set-principal: %w", err)
+		}
+		fmt.Printf("database %d: %d data keys now wrapped by %s\n", db, rep.Rewrapped, describe(next))
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	v, err := volume.Open(ctx, f, volume.Options{})
+	if err != nil {
+		return explain(err)
+	}
+	p, err := service.OpenProvider(ctx, next, create)
+	if err != nil {
+		v.Close()
+		return err
+	}
+	n, err := v.SetDatabasePrincipal(ctx, db, p)
+	if cerr := v.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Printf("database %d: %d data keys now wrapped by %s\n", db, n, describe(next))
+	return nil
 }

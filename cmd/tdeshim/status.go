@@ -230,6 +230,18 @@ func printStatus(s Status) {
 			fmt.Printf("SUSPENDED   the principal key was revoked or destroyed: I/O fails, keys are wiped; restore the key and restart serve\n")
 		}
 		fmt.Printf("serving     %d NBD connections\n", s.Live.Connections)
+		for n, why := range s.Live.SuspendedPrincipals {
+			var dbs []uint32
+			for db, m := range s.Live.Databases {
+				if m == n {
+					dbs = append(dbs, db)
+				}
+			}
+			fmt.Printf("REVOKED     principal key %d of database(s) %v: their data keys are wiped, their blocks fail I/O (%s)\n", n, dbs, why)
+		}
+		if len(s.Live.Databases) > 0 {
+			fmt.Printf("tenants     %d database(s) with their own principal key: %v (database OID: principal entry)\n", len(s.Live.Databases), s.Live.Databases)
+		}
 	}
 	fmt.Printf("key slots   %d active (%d volume, %d WAL, %d relation), %d destroyed, %d total\n",
 		s.Slots.Active, s.Slots.Volume, s.Slots.WAL, s.Slots.Relation, s.Slots.Destroyed, s.Slots.Total)
