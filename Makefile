@@ -43,7 +43,7 @@ e2e: build
 
 FUZZ_TARGETS := layout:FuzzDecodeHeader layout:FuzzDecodeSlot layout:FuzzDecodeMapPage \
 	layout:FuzzDecodeJournal layout:FuzzDecodeRekeyRecord layout:FuzzWALPageHeader \
-	walwatch:FuzzParsePath nbd:FuzzNegotiation nbd:FuzzRequests
+	walwatch:FuzzParsePath walwatch:FuzzInotifyEvents nbd:FuzzNegotiation nbd:FuzzRequests
 
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t#*:}; \

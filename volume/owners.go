@@ -130,19 +130,36 @@ func (v *Volume) EnsureRelationKey(ctx context.Context, rel layout.RelKey) (uint
 	if s := v.RelationSlot(rel); s != 0 {
 		return s, nil
 	}
-	v.keyMu.Lock()
-	defer v.keyMu.Unlock()
-	if s := v.RelationSlot(rel); s != 0 {
-		return s, nil
-	}
-	s, err := v.newKey(ctx, layout.KindRelation, rel)
-	if err != nil {
+	if err := v.EnsureRelationKeys(ctx, []layout.RelKey{rel}); err != nil {
 		return 0, err
 	}
+	return v.RelationSlot(rel), nil
+}
+
+// EnsureRelationKeys makes sure every relation in rels has a key: the new
+// keys are wrapped, written to their slots and made durable with one sync
+// (a new database brings hundreds of relations at once).
+func (v *Volume) EnsureRelationKeys(ctx context.Context, rels []layout.RelKey) error {
+	v.keyMu.Lock()
+	defer v.keyMu.Unlock()
+	var todo []layout.RelKey
+	seen := map[layout.RelKey]bool{}
+	for _, r := range rels {
+		if !seen[r] && v.RelationSlot(r) == 0 {
+			todo = append(todo, r)
+		}
+		seen[r] = true
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	slots, err := v.newKeys(ctx, layout.KindRelation, todo)
 	v.own.mu.Lock()
-	v.own.rel[rel] = s
+	for i, s := range slots {
+		v.own.rel[todo[i]] = s
+	}
 	v.own.mu.Unlock()
-	return s, nil
+	return err
 }
 
 // EnsureWALKey returns the WAL key slot, creating it if needed.
@@ -171,85 +188,128 @@ func (v *Volume) EnsureWALKey(ctx context.Context) (uint32, error) {
 // ErrNoFreeSlot means the key table is full.
 var ErrNoFreeSlot = errors.New("volume: the key table is full; new relations use the volume key until keys are shredded (or re-create the volume with more --slots)")
 
-// allocSlot finds an empty slot, or a destroyed one whose destruction a
-// checkpoint has made final. slotsMu is held.
-func (v *Volume) allocSlot() (uint32, error) {
+// allocSlotExcept finds an empty slot, or a destroyed one whose
+// destruction a checkpoint has made final, not in skip. slotsMu is held.
+func (v *Volume) allocSlotExcept(skip map[uint32]bool) (uint32, error) {
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if v.slots[i].State == layout.SlotEmpty {
+		if v.slots[i].State == layout.SlotEmpty && !skip[i] {
 			return i, nil
 		}
 	}
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if e, ok := v.own.destroyedEpoch[i]; ok && v.slots[i].State == layout.SlotDestroyed && e < v.epochSeen.Load() {
+		if e, ok := v.own.destroyedEpoch[i]; ok && !skip[i] && v.slots[i].State == layout.SlotDestroyed && e < v.epochSeen.Load() {
 			return i, nil
 		}
 	}
 	return 0, ErrNoFreeSlot
 }
 
-// newKey creates a random data key for an owner, wraps it with the
-// principal key of the owner's database (or the cluster's), writes and
-// syncs its slot, and installs its cipher. keyMu is held.
+// newKey creates one key (see newKeys). keyMu is held.
 func (v *Volume) newKey(ctx context.Context, kind uint8, rel layout.RelKey) (uint32, error) {
+	s, err := v.newKeys(ctx, kind, []layout.RelKey{rel})
+	if err != nil {
+		return 0, err
+	}
+	return s[0], nil
+}
+
+// newKeys creates a random data key per owner, wraps each with the
+// principal key of the owner's database (or the cluster's), writes their
+// slots, syncs once, and installs their ciphers. On an error part way it
+// returns the keys made so far (durable) and the error. keyMu is held.
+func (v *Volume) newKeys(ctx context.Context, kind uint8, rels []layout.RelKey) ([]uint32, error) {
 	if v.readOnly {
-		return 0, ErrReadOnly
+		return nil, ErrReadOnly
 	}
 	if err := v.writable(); err != nil {
-		return 0, err
+		return nil, err
 	}
+	type made struct {
+		slot   uint32
+		secret *keys.Secret
+		c      crypto.Cipher
+	}
+	var ready []made
+	var firstErr error
+	reserved := map[uint32]bool{}
+	for _, rel := range rels {
+		v.slotsMu.Lock()
+		slot, err := v.allocSlotExcept(reserved)
+		pn := v.principals.Current
+		if kind == layout.KindRelation {
+			pn = v.principals.ForDatabase(rel.Database)
+		}
+		var prov keys.Provider
+		if err == nil {
+			prov, err = v.provider(ctx, pn)
+		}
+		v.slotsMu.Unlock()
+		if err != nil {
+			firstErr = err
+			break
+		}
+		secret, err := keys.RandomSecret(crypto.KeySize)
+		if err != nil {
+			firstErr = err
+			break
+		}
+		w, err := prov.Wrap(ctx, secret, layout.WrapAAD(v.hdr.UUID, slot))
+		if err != nil {
+			secret.Wipe()
+			firstErr = fmt.Errorf("volume: wrap a new data key: %w", err)
+			break
+		}
+		c, err := crypto.New(secret.Bytes())
+		if err != nil {
+			secret.Wipe()
+			firstErr = err
+			break
+		}
+		v.slotsMu.Lock()
+		old := v.slots[slot]
+		v.slots[slot] = layout.Slot{State: layout.SlotActive, Kind: kind, Principal: pn,
+			Tablespace: rel.Tablespace, Database: rel.Database, RelNode: rel.RelNode, Created: now(),
+			Nonce: w.Nonce, Ciphertext: w.Ciphertext, Tag: w.Tag}
+		err = v.writeSlot(slot)
+		if err != nil {
+			v.slots[slot] = old
+		}
+		v.slotsMu.Unlock()
+		if err != nil {
+			secret.Wipe()
+			c.Close()
+			firstErr = err
+			break
+		}
+		reserved[slot] = true
+		ready = append(ready, made{slot, secret, c})
+	}
+	if len(ready) > 0 {
+		if err := v.st.Sync(); err != nil {
+			// Not durable: none of them may be used.
+			v.slotsMu.Lock()
+			for _, m := range ready {
+				v.slots[m.slot] = layout.Slot{}
+				m.secret.Wipe()
+				m.c.Close()
+			}
+			v.slotsMu.Unlock()
+			return nil, v.fail(fmt.Errorf("volume: sync new data keys: %w", err))
+		}
+	}
+	out := make([]uint32, len(ready))
 	v.slotsMu.Lock()
-	slot, err := v.allocSlot()
-	pn := v.principals.Current
-	if kind == layout.KindRelation {
-		pn = v.principals.ForDatabase(rel.Database)
-	}
-	var prov keys.Provider
-	if err == nil {
-		prov, err = v.provider(ctx, pn)
+	for i, m := range ready {
+		delete(v.own.destroyedEpoch, m.slot)
+		v.rawKeys[m.slot].Wipe()
+		v.rawKeys[m.slot] = m.secret
+		v.setCipher(m.slot, m.c)
+		out[i] = m.slot
 	}
 	v.slotsMu.Unlock()
-	if err != nil {
-		return 0, err
-	}
-	secret, err := keys.RandomSecret(crypto.KeySize)
-	if err != nil {
-		return 0, err
-	}
-	w, err := prov.Wrap(ctx, secret, layout.WrapAAD(v.hdr.UUID, slot))
-	if err != nil {
-		secret.Wipe()
-		return 0, fmt.Errorf("volume: wrap a new data key: %w", err)
-	}
-	c, err := crypto.New(secret.Bytes())
-	if err != nil {
-		secret.Wipe()
-		return 0, err
-	}
-	v.slotsMu.Lock()
-	defer v.slotsMu.Unlock()
-	old := v.slots[slot]
-	v.slots[slot] = layout.Slot{State: layout.SlotActive, Kind: kind, Principal: pn,
-		Tablespace: rel.Tablespace, Database: rel.Database, RelNode: rel.RelNode, Created: now(),
-		Nonce: w.Nonce, Ciphertext: w.Ciphertext, Tag: w.Tag}
-	if err == nil {
-		err = v.writeSlot(slot)
-	}
-	if err == nil {
-		err = v.st.Sync()
-	}
-	if err != nil {
-		v.slots[slot] = old
-		secret.Wipe()
-		c.Close()
-		return 0, fmt.Errorf("volume: record new data key in slot %d: %w", slot, err)
-	}
-	delete(v.own.destroyedEpoch, slot)
-	v.rawKeys[slot].Wipe()
-	v.rawKeys[slot] = secret
-	v.setCipher(slot, c)
-	v.stats.KeysCreated.Add(1)
+	v.stats.KeysCreated.Add(uint64(len(ready)))
 	v.rk.gen.Add(1)
-	return slot, nil
+	return out, firstErr
 }
 
 // setSlotState rewrites slot i with a new state and syncs it. slotsMu is

@@ -59,8 +59,8 @@ func (v *Volume) maxBatch() int {
 }
 
 // rekeyBatch moves the blocks (sorted, within rekeyWindow) that target
-// says belong under another slot. It returns the blocks moved.
-func (v *Volume) rekeyBatch(blocks []uint64, target func(b uint64, e uint32) uint32) ([]uint64, error) {
+// says belong under another slot. It returns the moves made.
+func (v *Volume) rekeyBatch(blocks []uint64, target func(b uint64, e uint32) uint32) ([]layout.RekeyEntry, error) {
 	if err := v.writable(); err != nil {
 		return nil, err
 	}
@@ -142,17 +142,15 @@ func (v *Volume) rekeyBatch(blocks []uint64, target func(b uint64, e uint32) uin
 			return nil, v.fail(fmt.Errorf("volume: rekey: write block %d: %w", en.Block, err))
 		}
 	}
-	moved := make([]uint64, len(ents))
-	for i, en := range ents {
+	for _, en := range ents {
 		v.entries[en.Block].Store(en.To)
 		v.counts[en.From].Add(-1)
 		v.counts[en.To].Add(1)
 		v.touchedPages[layout.PageOfBlock(en.Block)] = struct{}{}
-		moved[i] = en.Block
 	}
 	v.rk.moved.Add(uint64(len(ents)))
 	v.rk.bytes.Add(uint64(len(rec) + len(data)))
-	return moved, nil
+	return ents, nil
 }
 
 // rekeyTarget is the slot block b (now under e) belongs under, or 0 to
@@ -260,6 +258,15 @@ func (v *Volume) rekeyPass(ctx context.Context, ix *layout.Index, firstSeen map[
 	maxB := v.maxBatch()
 	start := time.Now()
 	var done int64
+	var moves [4][4]int // by kind: from, to
+	defer func() {
+		if done > 0 {
+			v.log.Debug("rekeyer pass", "candidates", len(cand), "blocks_moved", done/rekeyBlockCost,
+				"volume_to_relation", moves[layout.KindVolume][layout.KindRelation], "volume_to_wal", moves[layout.KindVolume][layout.KindWAL],
+				"relation_to_relation", moves[layout.KindRelation][layout.KindRelation], "to_volume", moves[layout.KindRelation][layout.KindVolume]+moves[layout.KindWAL][layout.KindVolume]+moves[layout.KindVolume][layout.KindVolume],
+				"seconds", time.Since(start).Seconds())
+		}
+	}()
 	for i := 0; i < len(cand); {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -273,9 +280,14 @@ func (v *Volume) rekeyPass(ctx context.Context, ix *layout.Index, firstSeen map[
 			return err
 		}
 		t := time.Now()
-		for _, b := range moved {
-			v.recordLag(t.Sub(firstSeen[b]))
-			delete(firstSeen, b)
+		v.slotsMu.Lock()
+		for _, m := range moved {
+			moves[v.slots[m.From].Kind&3][v.slots[m.To].Kind&3]++
+		}
+		v.slotsMu.Unlock()
+		for _, m := range moved {
+			v.recordLag(t.Sub(firstSeen[m.Block]))
+			delete(firstSeen, m.Block)
 		}
 		v.publishPending(firstSeen)
 		done += int64(len(moved)) * rekeyBlockCost

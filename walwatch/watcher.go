@@ -22,7 +22,7 @@ import (
 // Volume is what the watcher needs of the open volume.
 type Volume interface {
 	DeviceReader
-	EnsureRelationKey(ctx context.Context, rel layout.RelKey) (uint32, error)
+	EnsureRelationKeys(ctx context.Context, rels []layout.RelKey) error
 	EnsureWALKey(ctx context.Context) (uint32, error)
 	RelationKeys() map[layout.RelKey]uint32
 	Retire(ctx context.Context, slot uint32, fresh bool) error
@@ -152,12 +152,33 @@ func (w *Watcher) Run(ctx context.Context) error {
 			w.status.Mounted = false
 			w.mu.Unlock()
 		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(w.cfg.Poll):
-		}
+		waitMountChange(ctx, w.cfg.Poll)
 	}
 	return nil
+}
+
+// waitMountChange returns when the mount table changes (the kernel marks
+// /proc/self/mountinfo with POLLPRI), after at most d, or when ctx ends:
+// a filesystem mounted right before initdb is indexed before initdb's
+// first writes reach the device.
+func waitMountChange(ctx context.Context, d time.Duration) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		time.Sleep(d)
+		return
+	}
+	defer f.Close()
+	deadline := time.Now().Add(d)
+	pfd := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLPRI}}
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		n, err := unix.Poll(pfd, 50)
+		if n > 0 && pfd[0].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
+			return
+		}
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 }
 
 // follow indexes the mounted tree and follows its changes until it is
@@ -420,6 +441,13 @@ func (t *tree) flush(ctx context.Context) {
 	}
 	t.dirty = map[string]struct{}{}
 	sort.Strings(paths)
+	type file struct {
+		path  string
+		owner layout.Owner
+	}
+	var files []file
+	var rels []layout.RelKey
+	wal := false
 	for _, p := range paths {
 		var st unix.Stat_t
 		if err := unix.Lstat(p, &st); err != nil {
@@ -430,39 +458,52 @@ func (t *tree) flush(ctx context.Context) {
 			continue
 		}
 		o := t.classify(p)
-		t.ensureKey(ctx, p, o)
-		ext, err := Extents(p)
+		files = append(files, file{p, o})
+		switch o.Kind {
+		case layout.KindRelation:
+			rels = append(rels, o.Rel)
+		case layout.KindWAL:
+			wal = true
+		}
+	}
+	// Keys first, in one batch (one sync), so the writes that follow the
+	// index update take them inline.
+	var keyErr error
+	if len(rels) > 0 {
+		keyErr = t.w.cfg.Volume.EnsureRelationKeys(ctx, rels)
+	}
+	if wal {
+		if _, err := t.w.cfg.Volume.EnsureWALKey(ctx); err != nil && keyErr == nil {
+			keyErr = err
+		}
+	}
+	if keyErr != nil {
+		if len(t.needKey) == 0 {
+			t.w.log.Warn("cannot create data keys yet; those files' blocks use the volume key until the rekeyer can move them", "err", keyErr)
+		}
+		for _, f := range files {
+			if f.owner.Kind != layout.KindVolume {
+				t.needKey[f.path] = struct{}{}
+			}
+		}
+	} else {
+		for _, f := range files {
+			delete(t.needKey, f.path)
+		}
+	}
+	for _, f := range files {
+		ext, err := Extents(f.path)
 		if err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
-				t.w.log.Debug("cannot map file", "path", p, "err", err)
+				t.w.log.Debug("cannot map file", "path", f.path, "err", err)
 			}
 			continue
 		}
-		t.w.index.SetFile(p, o, ext)
+		t.w.index.SetFile(f.path, f.owner, ext)
 	}
 	t.w.mu.Lock()
 	t.w.status.Files = len(t.w.index.Paths())
 	t.w.mu.Unlock()
-}
-
-func (t *tree) ensureKey(ctx context.Context, p string, o layout.Owner) {
-	var err error
-	switch o.Kind {
-	case layout.KindRelation:
-		_, err = t.w.cfg.Volume.EnsureRelationKey(ctx, o.Rel)
-	case layout.KindWAL:
-		_, err = t.w.cfg.Volume.EnsureWALKey(ctx)
-	default:
-		return
-	}
-	if err != nil {
-		if _, known := t.needKey[p]; !known {
-			t.w.log.Warn("cannot create a data key yet; the file's blocks use the volume key until the rekeyer can move them", "path", p, "err", err)
-		}
-		t.needKey[p] = struct{}{}
-		return
-	}
-	delete(t.needKey, p)
 }
 
 // retryKeys retries key creation that failed (KMS unreachable, say).
