@@ -142,6 +142,13 @@ func (x *Index) Paths() []string {
 	return out
 }
 
+// Files is the number of known files.
+func (x *Index) Files() int {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return len(x.files)
+}
+
 // Relations returns every relfilenode with at least one known file, and
 // the blocks its files occupy.
 func (x *Index) Relations() map[RelKey]uint64 {

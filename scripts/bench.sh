@@ -4,6 +4,10 @@
 #   nbdcopy  1 GiB write (with flush) and read, tdeshim vs `nbdkit file`
 #   fio      4 KiB random read/write, iodepth 1 and 16, on ext4 over
 #            nbdfuse + loop (direct I/O), tdeshim vs nbdkit
+#   pg       pgbench on ext4 over nbdfuse + loop: tdeshim (volume key
+#            only) vs nbdkit; tdeshim with per-relation keys (serve
+#            --watch) vs volume key only, with rekey amplification, lag
+#            and key-map + index memory per TiB (from a 10 GiB volume)
 # Prints a table of ratios (tdeshim / anchor) and writes it to
 # bench-results/latest.txt. Set BENCH_QUICK=1 for a shorter run.
 set -euo pipefail
@@ -63,11 +67,11 @@ fi
 
 # ---- servers --------------------------------------------------------------
 # The start functions set SOCK (not a subshell: pids must reach cleanup).
-start_tdeshim() { # $1 = name
+start_tdeshim() { # $1 = name, then extra serve arguments; VOL_SIZE (2G)
   local vol=$WORK/$1.vol
   SOCK=$WORK/$1-tdeshim.sock
-  "$BIN" init --volume "$vol" --size 2G --key-file "$WORK/$1.key" >/dev/null 2>&1
-  "$BIN" serve --volume "$vol" --listen "unix:$SOCK" --log-level warn >"$WORK/$1.log" 2>&1 &
+  "$BIN" init --volume "$vol" --size "${VOL_SIZE:-2G}" --key-file "$WORK/$1.key" >/dev/null 2>&1
+  "$BIN" serve --volume "$vol" --listen "unix:$SOCK" --log-level warn --control-dir "$WORK/ctl" "${@:2}" >"$WORK/$1.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 200); do nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1 && return; sleep 0.05; done
   echo "tdeshim serve did not start:" >&2; cat "$WORK/$1.log" >&2; exit 1
@@ -75,7 +79,7 @@ start_tdeshim() { # $1 = name
 start_nbdkit() { # $1 = name
   local f=$WORK/$1.raw
   SOCK=$WORK/$1-nbdkit.sock
-  truncate -s 2G "$f"
+  truncate -s "${VOL_SIZE:-2G}" "$f"
   # nbdkit daemonizes with -P; Debian's stops serving if its parent dies
   # otherwise.
   nbdkit -U "$SOCK" -P "$WORK/$1.pid" file file="$f" </dev/null >/dev/null 2>&1
@@ -156,6 +160,7 @@ pgb_run() { # $1 = mount dir; writes "rwTPS rwP99 roTPS roP99" to $WORK/pg.out
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -w -l "$1/pg.log" -o "-p $pg_port -k $sock -c listen_addresses='' -c shared_buffers=128MB" start >/dev/null
   local pgb=(runuser -u postgres -- pgbench -h "$sock" -p "$pg_port" -U postgres)
   "${pgb[@]}" -i -q -s "$PG_SCALE" postgres >/dev/null 2>&1
+  if [[ -n ${PGB_HOOK:-} ]]; then "$PGB_HOOK" before; fi
   local res=()
   for mode in rw ro; do
     local extra=() logdir=$WORK/pglog-$mode
@@ -165,6 +170,7 @@ pgb_run() { # $1 = mount dir; writes "rwTPS rwP99 roTPS roP99" to $WORK/pg.out
     out=$(cd "$logdir" && "${pgb[@]}" -c 2 -j 2 -T "$PG_TIME" -l --sampling-rate=0.2 "${extra[@]}" postgres 2>&1)
     res+=("$(awk '/^tps = / { printf "%.0f", $3 }' <<<"$out")")
     res+=("$(cat "$logdir"/pgbench_log.* | awk '{ print $3 }' | sort -n | awk '{ a[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.2f", a[i] / 1000 }')")
+    if [[ -n ${PGB_HOOK:-} && $mode == rw ]]; then "$PGB_HOOK" after-rw; fi
   done
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$data" -m fast -w stop >/dev/null
   echo "${res[*]}" >"$WORK/pg.out"
@@ -179,17 +185,56 @@ pg_on_socket() { # $1 = socket, $2 = name
   umount "$mnt"; unset 'mnts[-1]'
   "$BIN" detach "$dev"; unset 'devs[-1]'
 }
+# rel_hook measures the rekeyer over the read-write run only: it waits
+# for the bulk load's rekeying to settle, zeroes the counters, and after
+# the run (plus a few seconds for the lag) reads them back.
+rel_status() { "$BIN" status --volume "$WORK/pgrel.vol" --control-dir "$WORK/ctl" "$@"; }
+rel_hook() {
+  case $1 in
+  before)
+    sync
+    for _ in $(seq 120); do
+      rel_status --json | python3 -c 'import json,sys; r=json.load(sys.stdin)["live"]["rekey"]; sys.exit(0 if r["pending_blocks"] == 0 and r["retiring_slots"] == 0 else 1)' && break
+      sleep 1
+    done
+    rel_status --reset-rekey-stats >/dev/null ;;
+  after-rw)
+    sync; sleep 5
+    rel_status --relations --json >"$WORK/rel-status.json" ;;
+  esac
+}
 if want pg && [[ -x $PGBIN/initdb ]]; then
-  log "pgbench scale $PG_SCALE, 2 clients, ${PG_TIME}s, read-write and -S"
+  log "pgbench scale $PG_SCALE, 2 clients, ${PG_TIME}s, read-write and -S; 10 GiB volumes"
+  export VOL_SIZE=10G
   start_nbdkit pg;  pg_on_socket "$SOCK" nbdkit;  read -r krw krw99 kro kro99 <"$WORK/pg.out"; stop_last
   start_tdeshim pg; pg_on_socket "$SOCK" tdeshim; read -r trw trw99 tro tro99 <"$WORK/pg.out"; stop_last
+  start_tdeshim pgrel --watch "$WORK/tdeshim-rel.pgmnt"
+  PGB_HOOK=rel_hook pg_on_socket "$SOCK" tdeshim-rel; read -r rrw rrw99 rro rro99 <"$WORK/pg.out"; stop_last
   mkdir -p "$WORK/plain"; pgb_run "$WORK/plain"; read -r prw prw99 pro pro99 <"$WORK/pg.out"
+  unset VOL_SIZE
   row "pgbench rw TPS (vs nbdkit)" "$trw" "$krw" "$(ratio "$trw" "$krw")"
   row "pgbench rw p99 ms (vs nbdkit)" "$trw99" "$krw99" "$(ratio "$trw99" "$krw99")"
   row "pgbench -S TPS (vs nbdkit)" "$tro" "$kro" "$(ratio "$tro" "$kro")"
   row "pgbench -S p99 ms (vs nbdkit)" "$tro99" "$kro99" "$(ratio "$tro99" "$kro99")"
   row "pgbench rw TPS, plain disk" "$prw" "-" "-"
   row "pgbench -S TPS, plain disk" "$pro" "-" "-"
+  row "per-relation keys: rw TPS (vs volume key)" "$rrw" "$trw" "$(ratio "$rrw" "$trw")"
+  row "per-relation keys: rw p99 ms (vs vol key)" "$rrw99" "$trw99" "$(ratio "$rrw99" "$trw99")"
+  row "per-relation keys: -S TPS (vs volume key)" "$rro" "$tro" "$(ratio "$rro" "$tro")"
+  read -r amp lag99 moved relkeys kmb ixb < <(python3 - "$WORK/rel-status.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+r, k = s["live"]["rekey"], s["keys"]
+print("%.2f %.2f %d %d %.1f %.2f" % (100 * r["amplification"], r["lag_p99_seconds"], r["moved_blocks"], len(s["relations"]),
+      k["key_map_bytes"] * 1024 / 10 / 2**20, k["index_bytes"] * 1024 / 10 / 2**20))
+PY
+)
+  row "rekey amplification % (goal <= 5)" "$amp" "5" "$(ratio "$amp" 5)"
+  row "rekey lag p99 s (goal <= 5)" "$lag99" "5" "$(ratio "$lag99" 5)"
+  row "blocks rekeyed during pgbench rw" "$moved" "-" "-"
+  row "relation keys in use" "$relkeys" "-" "-"
+  row "key map MiB per TiB (10 GiB measured)" "$kmb" "-" "-"
+  row "block index MiB per TiB (goal <= 64)" "$ixb" "64" "$(ratio "$ixb" 64)"
 fi
 
 echo

@@ -158,6 +158,8 @@ func handleControl(ctx context.Context, c net.Conn, d controlDeps) {
 	case err != nil:
 		rep.Error = "bad request: " + err.Error()
 	case req.Op == "state":
+	case req.Op == "reset-stats":
+		vol.ResetRekeyStats()
 	case req.Op == "rotate-principal":
 		log.Info("rotating principal key online", "provider", req.Principal.Provider, "principal", req.Principal.Principal)
 		err = rotate(ctx, vol, req.Principal, req.Create)

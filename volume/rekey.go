@@ -449,3 +449,14 @@ func (v *Volume) Settle(ctx context.Context) error {
 		}
 	}
 }
+
+// ResetRekeyStats zeroes the rekeyer's counters, lag samples and the
+// client byte count, so a benchmark can measure one workload.
+func (v *Volume) ResetRekeyStats() {
+	v.rk.moved.Store(0)
+	v.rk.bytes.Store(0)
+	v.stats.ClientWritten.Store(0)
+	v.rk.mu.Lock()
+	v.rk.lags, v.rk.lagN = nil, 0
+	v.rk.mu.Unlock()
+}

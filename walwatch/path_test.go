@@ -85,7 +85,7 @@ func FuzzInotifyEvents(f *testing.F) {
 	f.Add([]byte{1, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		w := New(Config{Mount: "/nonexistent", Volume: fakeVolume{}})
-		tr := &tree{w: w, fd: -1, wds: map[int32]string{1: "/nonexistent/base/5"}, dirty: map[string]struct{}{}, needKey: map[string]struct{}{}}
+		tr := &tree{w: w, fd: -1, wds: map[int32]string{1: "/nonexistent/base/5"}, dirty: map[string]struct{}{}, needKey: map[string]struct{}{}, mapped: map[string][2]int64{}}
 		tr.events(b)
 	})
 }

@@ -197,18 +197,25 @@ func (w *Watcher) follow(ctx context.Context) error {
 	lastPoll, lastShred := time.Now(), time.Now()
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for ctx.Err() == nil {
-		timeout := int(w.cfg.Debounce / time.Millisecond)
-		if _, err := unix.Poll(pfd, max(timeout, 1)); err != nil && !errors.Is(err, unix.EINTR) {
+		// Sleep until an event; once one came, gather for the debounce
+		// interval before mapping (a burst of writes is one FIEMAP).
+		if _, err := unix.Poll(pfd, int(w.cfg.Poll/time.Millisecond)); err != nil && !errors.Is(err, unix.EINTR) {
 			return err
 		}
-		for {
-			n, err := unix.Read(fd, buf)
-			if n <= 0 || err != nil {
+		for round := 0; round < 2; round++ {
+			for {
+				n, err := unix.Read(fd, buf)
+				if n <= 0 || err != nil {
+					break
+				}
+				if t.events(buf[:n]) {
+					return errors.New("filesystem unmounted")
+				}
+			}
+			if len(t.dirty) == 0 || round == 1 {
 				break
 			}
-			if t.events(buf[:n]) {
-				return errors.New("filesystem unmounted")
-			}
+			time.Sleep(w.cfg.Debounce)
 		}
 		if t.overflow || t.rescanDue {
 			if t.overflow {
@@ -243,6 +250,10 @@ type tree struct {
 	dataDir  string
 	spcDirs  map[string]uint32 // tablespace directory (absolute) → OID
 	needKey  map[string]struct{}
+	// mapped: size and allocated blocks of each file at its last FIEMAP;
+	// an overwrite in place (most of PostgreSQL's writes) changes neither,
+	// so it costs an lstat, not a FIEMAP and an index update.
+	mapped   map[string][2]int64
 	overflow bool
 	// rescanDue: the layout changed (a data directory or tablespace
 	// appeared): classify everything again.
@@ -260,6 +271,7 @@ func (t *tree) rescan(ctx context.Context) error {
 	t.wds = map[int32]string{}
 	t.needKey = map[string]struct{}{}
 	t.dirty = map[string]struct{}{}
+	t.mapped = map[string][2]int64{}
 	var st unix.Stat_t
 	if err := unix.Stat(w.cfg.Mount, &st); err != nil {
 		return err
@@ -299,7 +311,7 @@ func (t *tree) rescan(ctx context.Context) error {
 	w.status.Scans++
 	w.status.LastScan = time.Now()
 	w.status.DataDir = t.dataDir
-	w.status.Files = len(w.index.Paths())
+	w.status.Files = w.index.Files()
 	w.mu.Unlock()
 	w.log.Info("indexed the data directory", "data_dir", t.dataDir, "files", len(seen), "index_bytes", w.index.MemoryBytes())
 	return nil
@@ -393,12 +405,14 @@ func (t *tree) events(b []byte) (unmounted bool) {
 		switch {
 		case mask&(unix.IN_DELETE|unix.IN_MOVED_FROM) != 0 && !isDir:
 			delete(t.dirty, p)
+			delete(t.mapped, p)
 			t.w.index.RemoveFile(p)
 		case mask&(unix.IN_DELETE|unix.IN_MOVED_FROM) != 0:
 			// A directory went: forget every file under it.
 			for _, f := range t.w.index.Paths() {
 				if strings.HasPrefix(f, p+"/") {
 					delete(t.dirty, f)
+					delete(t.mapped, f)
 					t.w.index.RemoveFile(f)
 				}
 			}
@@ -444,6 +458,7 @@ func (t *tree) flush(ctx context.Context) {
 	type file struct {
 		path  string
 		owner layout.Owner
+		shape [2]int64
 	}
 	var files []file
 	var rels []layout.RelKey
@@ -452,13 +467,20 @@ func (t *tree) flush(ctx context.Context) {
 		var st unix.Stat_t
 		if err := unix.Lstat(p, &st); err != nil {
 			t.w.index.RemoveFile(p)
+			delete(t.mapped, p)
 			continue
 		}
 		if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != t.dev {
 			continue
 		}
+		shape := [2]int64{st.Size, st.Blocks}
+		if old, ok := t.mapped[p]; ok && old == shape {
+			if _, retry := t.needKey[p]; !retry {
+				continue // rewritten in place: same extents
+			}
+		}
 		o := t.classify(p)
-		files = append(files, file{p, o})
+		files = append(files, file{p, o, shape})
 		switch o.Kind {
 		case layout.KindRelation:
 			rels = append(rels, o.Rel)
@@ -500,9 +522,10 @@ func (t *tree) flush(ctx context.Context) {
 			continue
 		}
 		t.w.index.SetFile(f.path, f.owner, ext)
+		t.mapped[f.path] = f.shape
 	}
 	t.w.mu.Lock()
-	t.w.status.Files = len(t.w.index.Paths())
+	t.w.status.Files = t.w.index.Files()
 	t.w.mu.Unlock()
 }
 

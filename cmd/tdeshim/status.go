@@ -33,6 +33,7 @@ relation (from its watcher), rekey lag and pending shreds.
 			&cli.StringFlag{Name: "volume", Required: true, Usage: "backing file or block device", EnvVars: []string{"TDESHIM_VOLUME"}},
 			&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
 			&cli.BoolFlag{Name: "relations", Usage: "per-relation keys: slot, blocks under its own key and under another, rekey lag, shredding"},
+			&cli.BoolFlag{Name: "reset-rekey-stats", Usage: "zero serve's rekey counters and lag samples first (to measure one workload)"},
 			&cli.StringFlag{Name: "control-dir", Value: service.DefaultControlDir, Usage: "where serve's control socket is", EnvVars: []string{"TDESHIM_CONTROL_DIR"}},
 		},
 		Action: runStatus,
@@ -108,7 +109,13 @@ func runStatus(c *cli.Context) error {
 	out := summarize(path, s, inUse)
 	if inUse {
 		// serve knows more than the disk: KMS health, suspension, owners.
-		if rep, err := service.Ask(service.ControlPath(c.String("control-dir"), s.Header.UUID), service.ControlRequest{Op: "state", Relations: c.Bool("relations")}, time.Minute); err == nil {
+		sock := service.ControlPath(c.String("control-dir"), s.Header.UUID)
+		if c.Bool("reset-rekey-stats") {
+			if _, err := service.Ask(sock, service.ControlRequest{Op: "reset-stats"}, time.Minute); err != nil {
+				return err
+			}
+		}
+		if rep, err := service.Ask(sock, service.ControlRequest{Op: "state", Relations: c.Bool("relations")}, time.Minute); err == nil {
 			out.Live = rep
 			out.Keys, rep.Keys = rep.Keys, nil
 		}
