@@ -243,13 +243,13 @@ func (w *Watcher) follow(ctx context.Context) error {
 
 // tree is the state of one followed mount.
 type tree struct {
-	w        *Watcher
-	fd       int
-	wds      map[int32]string // watch descriptor → directory
-	dirty    map[string]struct{}
-	dataDir  string
-	spcDirs  map[string]uint32 // tablespace directory (absolute) → OID
-	needKey  map[string]struct{}
+	w       *Watcher
+	fd      int
+	wds     map[int32]string // watch descriptor → directory
+	dirty   map[string]struct{}
+	dataDir string
+	spcDirs map[string]uint32 // tablespace directory (absolute) → OID
+	needKey map[string]struct{}
 	// mapped: size and allocated blocks of each file at its last FIEMAP;
 	// an overwrite in place (most of PostgreSQL's writes) changes neither,
 	// so it costs an lstat, not a FIEMAP and an index update.
