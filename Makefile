@@ -29,14 +29,14 @@ lint:
 # device, FUSE mount or process was leaked.
 test: deps lint
 	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -timeout 25m ./...
-	$(GO) test -race -count=1 ./volume/ ./nbd/ ./store/
+	$(GO) test -race -count=1 ./volume/ ./nbd/ ./store/ ./layout/ ./walwatch/
 	@echo "testcontainers variant (its own module; skips without a Docker engine):"
 	cd e2e/containers && $(GO) vet ./... && $(GO) test -count=1 -v ./...
 	$(MAKE) --no-print-directory fuzz-short
 	./scripts/check-leaks.sh
 
 unit:
-	$(GO) test -count=1 -short ./crypto/... ./layout/... ./keys/... ./store/... ./volume/... ./nbd/...
+	$(GO) test -count=1 -short ./crypto/... ./layout/... ./keys/... ./store/... ./volume/... ./nbd/... ./walwatch/...
 
 e2e: build
 	TDESHIM_E2E_REQUIRE=1 $(GO) test -count=1 -v ./e2e/...
@@ -58,7 +58,7 @@ fuzz:
 # loss cycles of PostgreSQL under pgbench each.
 PG_CRASH_CYCLES ?= 20
 crash-test: deps
-	TDESHIM_CRASH_ITERATIONS=$(CRASH_ITERATIONS) $(GO) test -count=1 -run Crash -v ./volume/
+	TDESHIM_CRASH_ITERATIONS=$(CRASH_ITERATIONS) $(GO) test -count=1 -run 'Crash|RekeyCut' -v ./volume/
 	TDESHIM_E2E_REQUIRE=1 TDESHIM_PG_CRASH_CYCLES=$(PG_CRASH_CYCLES) $(GO) test -count=1 -timeout 60m -run 'PostgresSurvives' -v ./e2e/
 
 bench: deps build

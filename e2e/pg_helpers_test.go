@@ -147,7 +147,14 @@ func asPostgres(t *testing.T, timeout time.Duration, args ...string) (string, er
 // initPG runs initdb (data checksums) in dir/pgdata and starts it.
 func initPG(t *testing.T, dir string, extra ...string) *pg {
 	t.Helper()
-	p := &pg{data: filepath.Join(dir, "pgdata"), sock: filepath.Join(dir, "sock"), port: int(nextPort.Add(1))}
+	return initPGOn(t, dir, int(nextPort.Add(1)), extra...)
+}
+
+// initPGOn is initPG on a port reserved beforehand (nextPort.Add), for a
+// serve that must know where PostgreSQL will listen (--dsn).
+func initPGOn(t *testing.T, dir string, port int, extra ...string) *pg {
+	t.Helper()
+	p := &pg{data: filepath.Join(dir, "pgdata"), sock: filepath.Join(dir, "sock"), port: port}
 	os.MkdirAll(p.sock, 0o755)
 	exec.Command("chown", "postgres:", p.sock, dir).Run()
 	if out, err := asPostgres(t, 2*time.Minute, pgBin+"/initdb", "-D", p.data, "--data-checksums", "-U", "postgres", "--auth=trust"); err != nil {

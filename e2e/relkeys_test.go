@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -120,8 +121,10 @@ func TestPerRelationKeysAfterPgbenchAndDDL(t *testing.T) {
 	needPG(t)
 	need(t, "pgbench")
 	dir := worldDir(t)
-	s := newStack(t, dir, "relkeys", "--rekey-rate=0", "--shred-grace=2s")
-	p := initPG(t, s.mnt, "-c allow_in_place_tablespaces=on")
+	port := int(nextPort.Add(1))
+	dsn := fmt.Sprintf("host=%s port=%d user=postgres dbname=postgres", filepath.Join(dir, "relkeys.mnt", "sock"), port)
+	s := newStack(t, dir, "relkeys", "--rekey-rate=0", "--shred-grace=2s", "--dsn="+dsn)
+	p := initPGOn(t, s.mnt, port, "-c allow_in_place_tablespaces=on")
 	p.pgbench(t, "-i", "-s", "5", "-q", "postgres")
 	p.pgbench(t, "-c", "2", "-T", "10", "postgres")
 	p.sql(t, "postgres", `
@@ -143,6 +146,16 @@ CREATE MATERIALIZED VIEW mv AS SELECT id % 100 AS k, count(*) FROM keep GROUP BY
 	accounts := p.sql(t, "postgres", "SELECT pg_relation_filenode('pgbench_accounts')")
 	dbOID := p.sql(t, "postgres", "SELECT oid FROM pg_database WHERE datname = 'postgres'")
 	p.sql(t, "postgres", "CHECKPOINT")
+	// --dsn: names come from the catalog (loaded in the background).
+	wantName := "postgres.public.pgbench_accounts"
+	waitFor(t, time.Minute, "status to name pgbench_accounts", func() bool {
+		for _, rel := range s.status(t).Relations {
+			if rel["name"] == wantName {
+				return true
+			}
+		}
+		return false
+	})
 	p.stop(t, "fast")
 	st := s.settle(t)
 	r := s.audit(t, p.data)
@@ -167,6 +180,9 @@ CREATE MATERIALIZED VIEW mv AS SELECT id % 100 AS k, count(*) FROM keep GROUP BY
 		}
 		if fmt.Sprint(rel["relfilenode"]) == accounts && fmt.Sprint(rel["database_oid"]) == dbOID {
 			found = true
+			if rel["name"] != wantName {
+				t.Fatalf("pgbench_accounts is named %v", rel["name"])
+			}
 			if rel["blocks_own_key"].(float64) < 1000 || rel["blocks_other_key"].(float64) != 0 {
 				t.Fatalf("pgbench_accounts: %v", rel)
 			}
@@ -193,8 +209,11 @@ CREATE MATERIALIZED VIEW mv AS SELECT id % 100 AS k, count(*) FROM keep GROUP BY
 func TestCryptoShredOfADroppedTable(t *testing.T) {
 	needPG(t)
 	dir := worldDir(t)
-	s := newStack(t, dir, "shred", "--shred-grace=2s")
-	p := initPG(t, s.mnt)
+	// With --dsn the catalog must also agree the table is gone.
+	port := int(nextPort.Add(1))
+	dsn := fmt.Sprintf("host=%s port=%d user=postgres dbname=postgres", filepath.Join(dir, "shred.mnt", "sock"), port)
+	s := newStack(t, dir, "shred", "--shred-grace=2s", "--dsn="+dsn)
+	p := initPGOn(t, s.mnt, port)
 	const canary = "SHREDCANARY-2f9a"
 	p.sql(t, "postgres", "CREATE TABLE shredme AS SELECT g AS id, '"+canary+"-' || g AS v FROM generate_series(1, 30000) g")
 	rel := p.sql(t, "postgres", "SELECT pg_relation_filenode('shredme')")

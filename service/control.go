@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tdeshim/tdeshim/catalog"
 	"github.com/tdeshim/tdeshim/keys"
 	"github.com/tdeshim/tdeshim/layout"
 	"github.com/tdeshim/tdeshim/nbd"
@@ -113,6 +114,7 @@ type controlDeps struct {
 	srv   *nbd.Server
 	h     *Health
 	watch *walwatch.Watcher // nil without --watch
+	cat   *catalog.Catalog  // nil without --dsn
 	log   *slog.Logger
 }
 
@@ -197,6 +199,14 @@ func handleControl(ctx context.Context, c net.Conn, d controlDeps) {
 	rep.Databases = vol.Principals().Databases
 	if req.Relations {
 		kr := vol.KeyReport()
+		if d.cat != nil {
+			for i := range kr.Relations {
+				r := &kr.Relations[i]
+				if n, ok := d.cat.Name(layout.RelKey{Tablespace: r.TablespaceOID, Database: r.DatabaseOID, RelNode: r.RelFileNode}); ok {
+					r.Name = &n
+				}
+			}
+		}
 		rep.Keys = &kr
 	}
 	if d.watch != nil {

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tdeshim/tdeshim/catalog"
 	"github.com/tdeshim/tdeshim/keys"
 	"github.com/tdeshim/tdeshim/nbd"
 	"github.com/tdeshim/tdeshim/store"
@@ -53,8 +54,10 @@ type Config struct {
 	// ShredGrace: how long a relfilenode's files must be gone before its
 	// key is destroyed (negative: never automatically).
 	ShredGrace time.Duration
-	// Catalog, if set, must agree that a relfilenode is gone before a shred.
-	Catalog walwatch.Catalog
+	// DSN, if set, is a PostgreSQL connection (catalog package): relation
+	// names in status, and the catalog must agree a relfilenode is gone
+	// before its key is shredded.
+	DSN string
 }
 
 // Run serves until ctx is cancelled, then drains in-flight requests,
@@ -121,9 +124,20 @@ func Run(ctx context.Context, cfg Config) error {
 	var bg sync.WaitGroup
 	defer func() { bgStop(); bg.Wait() }()
 	var watcher *walwatch.Watcher
+	var cat *catalog.Catalog
+	if cfg.DSN != "" {
+		if cat, err = catalog.New(cfg.DSN, log); err != nil {
+			vol.Close()
+			return err
+		}
+	}
 	if !cfg.ReadOnly {
 		if cfg.Watch != "" {
-			watcher = walwatch.New(walwatch.Config{Mount: cfg.Watch, Volume: vol, Logger: log, ShredGrace: cfg.ShredGrace, Catalog: cfg.Catalog})
+			wc := walwatch.Config{Mount: cfg.Watch, Volume: vol, Logger: log, ShredGrace: cfg.ShredGrace}
+			if cat != nil {
+				wc.Catalog = cat
+			}
+			watcher = walwatch.New(wc)
 			bg.Add(1)
 			go func() { defer bg.Done(); watcher.Run(bgCtx) }()
 		}
@@ -133,7 +147,7 @@ func Run(ctx context.Context, cfg Config) error {
 			vol.RunRekeyer(bgCtx, volume.RekeyOptions{Rate: cfg.RekeyRate})
 		}()
 	}
-	ctl, err := startControl(ctx, cfg, controlDeps{vol: vol, srv: srv, h: health, watch: watcher, log: log})
+	ctl, err := startControl(ctx, cfg, controlDeps{vol: vol, srv: srv, h: health, watch: watcher, cat: cat, log: log})
 	if err != nil {
 		log.Warn("no control socket; online key rotation and live status are unavailable", "err", err)
 	} else {

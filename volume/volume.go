@@ -356,21 +356,29 @@ func (v *Volume) writeAt(p []byte, off int64, fua, skipZero bool) error {
 // writeBlocks encrypts and stores whole blocks at b0. Caller holds the gate
 // (shared) and the stripes (exclusive). A FREE block takes its owner's key
 // (assignKeys); a trimmed block whose FREE state is not yet durable takes
-// back the slot it had; a live block keeps its slot. With skipZero, an
-// all-zero block that reads as zeros already (FREE or trimmed) stays so:
-// nothing is stored and no key is chosen for it.
+// back the slot it had; a live block keeps its slot. With skipZero and a
+// watcher, an all-zero block that reads as zeros already (FREE or trimmed)
+// and whose owner is not known yet stays so: nothing is stored and no key
+// is chosen for it, so a file zero-filled before the watcher mapped it
+// (a new WAL segment) is not written under the volume key only to be
+// rekeyed. Owned zero blocks are stored: PostgreSQL zero-fills to
+// allocate, and the writes that follow are then overwrites, which need no
+// key-map commit at FLUSH.
 func (v *Volume) writeBlocks(plain []byte, b0 uint64, skipZero bool) error {
 	n := uint64(len(plain) / blockSize)
 	slots := make([]uint32, n)
 	var free []bool
 	changed := false
+	ix := v.index.Load()
 	for i := range slots {
 		e := v.entries[b0+uint64(i)].Load()
 		isFree := e == layout.FreeEntry || e&trimmedFlag != 0
-		if isFree && skipZero && isZero(plain[i*blockSize:(i+1)*blockSize]) {
-			slots[i] = skipSlot
-			v.stats.ZeroSkipped.Add(1)
-			continue
+		if isFree && skipZero && ix != nil && isZero(plain[i*blockSize:(i+1)*blockSize]) {
+			if _, owned := ix.Lookup(b0 + uint64(i)); !owned {
+				slots[i] = skipSlot
+				v.stats.ZeroSkipped.Add(1)
+				continue
+			}
 		}
 		switch {
 		case e == layout.FreeEntry:
