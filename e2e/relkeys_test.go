@@ -37,6 +37,7 @@ type liveStatus struct {
 		Watch struct {
 			Problem string `json:"problem"`
 			Files   int    `json:"files"`
+			Scans   int    `json:"scans"`
 		} `json:"watch"`
 	} `json:"live"`
 }
@@ -51,25 +52,37 @@ func (s *stack) status(t *testing.T) liveStatus {
 	return st
 }
 
-// settle waits until the rekeyer has nothing pending and no key retiring.
+// settle waits until the watcher has indexed the tree, the rekeyer has
+// nothing pending, no key is retiring and no indexed block of a relation
+// is under another key — twice, a sweep apart.
 func (s *stack) settle(t *testing.T) liveStatus {
 	t.Helper()
 	exec.Command("sync").Run()
 	deadline := time.Now().Add(3 * time.Minute)
+	settled := func(st liveStatus) bool {
+		if st.Live.Watch.Scans == 0 || st.Live.Rekey.PendingBlocks != 0 || len(st.Keys.Retiring) != 0 {
+			return false
+		}
+		for _, r := range st.Relations {
+			if n, _ := r["blocks_other_key"].(float64); n != 0 {
+				return false
+			}
+		}
+		return true
+	}
 	for {
 		st := s.status(t)
 		if st.Live.Watch.Problem != "" {
 			t.Fatalf("watcher is not indexing: %s", st.Live.Watch.Problem)
 		}
-		if st.Live.Rekey.PendingBlocks == 0 && len(st.Keys.Retiring) == 0 {
-			// Twice in a row, a sweep apart: nothing arrived in between.
+		if settled(st) {
 			time.Sleep(1500 * time.Millisecond)
-			if st2 := s.status(t); st2.Live.Rekey.PendingBlocks == 0 && len(st2.Keys.Retiring) == 0 {
+			if st2 := s.status(t); settled(st2) {
 				return st2
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("rekeyer did not settle: %+v, %d keys retiring", st.Live.Rekey, len(st.Keys.Retiring))
+			t.Fatalf("rekeyer did not settle: %+v, %d keys retiring, %d scans", st.Live.Rekey, len(st.Keys.Retiring), st.Live.Watch.Scans)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}

@@ -113,7 +113,16 @@ func TestDatabasePrincipalRevocation(t *testing.T) {
 		t.Fatalf("tenant_b's block fails after tenant_a's key was revoked: %v", err)
 	}
 	if err := readDirect(blockOf(aOID, aRel)); err == nil {
-		t.Fatal("tenant_a's block still reads after its principal key was revoked")
+		blk := blockOf(aOID, aRel)
+		st, _ := volume.Inspect(mustNoLock(t, s.vol))
+		e := st.Entries[blk]
+		for _, rel := range s.status(t).Relations {
+			if fmt.Sprint(rel["relfilenode"]) == aRel {
+				t.Logf("status: %v", rel)
+			}
+		}
+		b, _ := os.ReadFile(s.state(t).Log)
+		t.Fatalf("tenant_a's block %d still reads after its principal key was revoked: durable entry %d (slot %+v)\nserve log:\n%s", blk, e, st.Slots[e], tail(string(b), 4000))
 	}
 	if out := mustRun(t, time.Minute, "env", "TDESHIM_CONTROL_DIR="+s.runDir, tdeshimBin, "status", "--volume", s.vol); !strings.Contains(out, "REVOKED") {
 		t.Fatalf("status does not show the revoked database key:\n%s", out)
