@@ -434,15 +434,23 @@ func (v *Volume) SlotBlocks(s uint32) int64 {
 }
 
 // Settle runs rekey passes until nothing is pending and no key is
-// retiring, or ctx ends: for tests and offline rotation.
+// retiring, or ctx ends: for tests and offline rotation. A pass that moves
+// nothing while work remains (blocks whose key is unavailable) is an
+// error, not a loop.
 func (v *Volume) Settle(ctx context.Context) error {
 	firstSeen := map[uint64]time.Time{}
 	for {
+		before := v.rk.moved.Load()
+		destroyed := v.stats.KeysDestroyed.Load()
 		if err := v.rekeyPass(ctx, v.index.Load(), firstSeen, 0); err != nil {
 			return err
 		}
-		if len(v.sweep(v.index.Load())) == 0 && len(v.RetiringSlots()) == 0 {
+		left, retiring := len(v.sweep(v.index.Load())), len(v.RetiringSlots())
+		if left == 0 && retiring == 0 {
 			return nil
+		}
+		if v.rk.moved.Load() == before && v.stats.KeysDestroyed.Load() == destroyed {
+			return fmt.Errorf("volume: %d blocks cannot be moved and %d keys stay retiring (their key or their target's is unavailable — a revoked principal key?)", left, retiring)
 		}
 		if err := ctx.Err(); err != nil {
 			return err

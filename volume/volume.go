@@ -668,6 +668,10 @@ func (v *Volume) StatsSnapshot() map[string]uint64 {
 		"checkpoints":     v.stats.Checkpoints.Load(),
 		"journal_records": v.stats.JournalRecs.Load(),
 		"punched_blocks":  v.stats.Punched.Load(),
+		"zero_skipped":    v.stats.ZeroSkipped.Load(),
+		"client_bytes":    v.stats.ClientWritten.Load(),
+		"keys_created":    v.stats.KeysCreated.Load(),
+		"keys_destroyed":  v.stats.KeysDestroyed.Load(),
 	}
 }
 
