@@ -13,7 +13,6 @@ import (
 
 	"github.com/tdeshim/tdeshim/layout"
 	"github.com/tdeshim/tdeshim/service"
-	"github.com/tdeshim/tdeshim/store"
 	"github.com/tdeshim/tdeshim/volume"
 )
 
@@ -125,13 +124,7 @@ func dataKeyAction(c *cli.Context, op string) error {
 	path := c.String("volume")
 	ctx, cancel := context.WithTimeout(context.Background(), 24*time.Hour)
 	defer cancel()
-	f, err := store.OpenFile(path, false)
-	if errors.Is(err, store.ErrLocked) {
-		h, err := readHeader(path)
-		if err != nil {
-			return err
-		}
-		sock := service.ControlPath("", h.UUID)
+	return onVolume(ctx, path, func(sock string) error {
 		rep, err := service.Ask(sock, service.ControlRequest{Op: op, Target: t}, 10*time.Minute)
 		if err != nil {
 			return fmt.Errorf("%s (online, through %s): %w", op, sock, err)
@@ -144,37 +137,27 @@ func dataKeyAction(c *cli.Context, op string) error {
 			return nil
 		}
 		return waitRetired(ctx, sock, rep.Retired)
-	}
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	v, err := volume.Open(ctx, f, volume.Options{})
-	if err != nil {
-		return explain(err)
-	}
-	var retired []uint32
-	if op == "shred" {
-		s := v.RelationSlot(*t.Relation)
-		if s == 0 {
-			v.Close()
-			return fmt.Errorf("relation %s has no active key", c.String("relation"))
+	}, func(v *volume.Volume) error {
+		var retired []uint32
+		var err error
+		if op == "shred" {
+			s := v.RelationSlot(*t.Relation)
+			if s == 0 {
+				return fmt.Errorf("relation %s has no active key", c.String("relation"))
+			}
+			err, retired = v.Retire(ctx, s, false), []uint32{s}
+		} else {
+			retired, err = v.RotateKeys(ctx, func(_ uint32, sl layout.Slot) bool { return t.Select(sl) })
 		}
-		err, retired = v.Retire(ctx, s, false), []uint32{s}
-	} else {
-		retired, err = v.RotateKeys(ctx, func(_ uint32, sl layout.Slot) bool { return t.Select(sl) })
-	}
-	if err == nil && len(retired) == 0 {
-		err = errors.New("no active key matches; see tdeshim status --relations")
-	}
-	if err == nil {
+		if err == nil && len(retired) == 0 {
+			err = errors.New("no active key matches; see tdeshim status --relations")
+		}
+		if err != nil {
+			return err
+		}
 		fmt.Fprintf(os.Stderr, "%d key(s) retiring: %v (offline: the volume is not served)\n", len(retired), retired)
-		err = settleWithProgress(ctx, v)
-	}
-	if cerr := v.Close(); err == nil {
-		err = cerr
-	}
-	return err
+		return settleWithProgress(ctx, v)
+	})
 }
 
 // settleWithProgress runs the rekeyer to completion on an unserved volume.

@@ -226,20 +226,42 @@ func rotatePrincipal(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	f, err := store.OpenFile(path, false)
-	if errors.Is(err, store.ErrLocked) {
-		// serve holds the volume: ask it to rotate.
-		h, err := readHeader(path)
-		if err != nil {
-			return err
-		}
-		sock := service.ControlPath("", h.UUID)
+	return onVolume(ctx, path, func(sock string) error {
 		fmt.Fprintf(os.Stderr, "volume is served; rotating online through %s\n", sock)
 		if _, err := service.Ask(sock, service.ControlRequest{Op: "rotate-principal", Principal: next, Create: create}, 30*time.Minute); err != nil {
 			return fmt.Errorf("online rotation: %w", err)
 		}
 		fmt.Println("rotated: every data key is now wrapped by", describe(next))
 		return nil
+	}, func(v *volume.Volume) error {
+		p, err := service.OpenProvider(ctx, next, create)
+		if err != nil {
+			return err
+		}
+		err = v.RotatePrincipal(ctx, p, func(done, total uint64) {
+			fmt.Fprintf(os.Stderr, "\rrewrapping key slots: %d/%d", done, total)
+			if done == total {
+				fmt.Fprintln(os.Stderr)
+			}
+		})
+		if err == nil {
+			fmt.Println("rotated: every data key is now wrapped by", describe(next))
+		}
+		return err
+	})
+}
+
+// onVolume acts on a volume: through serve's control socket when serve
+// holds it (online), else on the volume opened here (offline), closing it
+// after and keeping the first error.
+func onVolume(ctx context.Context, path string, online func(sock string) error, offline func(v *volume.Volume) error) error {
+	f, err := store.OpenFile(path, false)
+	if errors.Is(err, store.ErrLocked) {
+		h, err := readHeader(path)
+		if err != nil {
+			return err
+		}
+		return online(service.ControlPath("", h.UUID))
 	}
 	if err != nil {
 		return err
@@ -249,25 +271,11 @@ func rotatePrincipal(c *cli.Context) error {
 	if err != nil {
 		return explain(err)
 	}
-	p, err := service.OpenProvider(ctx, next, create)
-	if err != nil {
-		v.Close()
-		return err
-	}
-	err = v.RotatePrincipal(ctx, p, func(done, total uint64) {
-		fmt.Fprintf(os.Stderr, "\rrewrapping key slots: %d/%d", done, total)
-		if done == total {
-			fmt.Fprintln(os.Stderr)
-		}
-	})
+	err = offline(v)
 	if cerr := v.Close(); err == nil {
 		err = cerr
 	}
-	if err != nil {
-		return err
-	}
-	fmt.Println("rotated: every data key is now wrapped by", describe(next))
-	return nil
+	return err
 }
 
 func describe(c keys.Config) string {
@@ -347,13 +355,7 @@ func setPrincipal(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	f, err := store.OpenFile(path, false)
-	if errors.Is(err, store.ErrLocked) {
-		h, err := readHeader(path)
-		if err != nil {
-			return err
-		}
-		sock := service.ControlPath("", h.UUID)
+	return onVolume(ctx, path, func(sock string) error {
 		fmt.Fprintf(os.Stderr, "volume is served; setting the principal key online through %s\n", sock)
 		rep, err := service.Ask(sock, service.ControlRequest{Op: "set-principal", Database: db, Principal: next, Create: create}, 30*time.Minute)
 		if err != nil {
@@ -361,27 +363,15 @@ func setPrincipal(c *cli.Context) error {
 		}
 		fmt.Printf("database %d: %d data keys now wrapped by %s\n", db, rep.Rewrapped, describe(next))
 		return nil
-	}
-	if err != nil {
+	}, func(v *volume.Volume) error {
+		p, err := service.OpenProvider(ctx, next, create)
+		if err != nil {
+			return err
+		}
+		n, err := v.SetDatabasePrincipal(ctx, db, p)
+		if err == nil {
+			fmt.Printf("database %d: %d data keys now wrapped by %s\n", db, n, describe(next))
+		}
 		return err
-	}
-	defer f.Close()
-	v, err := volume.Open(ctx, f, volume.Options{})
-	if err != nil {
-		return explain(err)
-	}
-	p, err := service.OpenProvider(ctx, next, create)
-	if err != nil {
-		v.Close()
-		return err
-	}
-	n, err := v.SetDatabasePrincipal(ctx, db, p)
-	if cerr := v.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	fmt.Printf("database %d: %d data keys now wrapped by %s\n", db, n, describe(next))
-	return nil
+	})
 }
