@@ -436,11 +436,14 @@ func (v *Volume) destroyIfEmpty(s uint32) (bool, error) {
 	}
 	v.slotsMu.Lock()
 	defer v.slotsMu.Unlock()
-	if v.slots[s].State != layout.SlotRetiring {
-		return false, nil
-	}
 	if v.slots[s].Kind == layout.KindVolume && s == v.volSlot() {
 		return false, fmt.Errorf("volume: refusing to destroy the current volume key (slot %d)", s)
+	}
+	// Retiring on disk, or an unnamed volume key left active by a
+	// volume-key rotation cut short (open retires it in memory).
+	orphan := v.slots[s].State == layout.SlotActive && v.slots[s].Kind == layout.KindVolume
+	if v.slots[s].State != layout.SlotRetiring && !orphan {
+		return false, nil
 	}
 	if err := v.setSlotState(s, layout.SlotDestroyed); err != nil {
 		return false, err

@@ -144,3 +144,42 @@ func TestRekeyCutAfterEveryWrite(t *testing.T) {
 	}
 	t.Logf("cut at each of %d writes and syncs, 4 cache resolutions each", total+1)
 }
+
+// TestVolumeKeyRotationCutBeforeHeader: a new volume key durable but not
+// yet named by the header (the rotation's cut point) is retired at open
+// and destroyed by the rekeyer; the named key stays.
+func TestVolumeKeyRotationCutBeforeHeader(t *testing.T) {
+	kf := newKeyFile(t)
+	st, _ := newCrashVolume(t, 1<<20, kf)
+	v := mustOpen(t, st, kf)
+	if err := v.WriteAt(blockContent("old", 3), 3*blockSize, true); err != nil {
+		t.Fatal(err)
+	}
+	v.keyMu.Lock()
+	orphan, err := v.newKey(context.Background(), layout.KindVolume, layout.RelKey{})
+	v.keyMu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := v.VolumeSlot()
+	v.closeKeys()
+	v2, err := Open(context.Background(), store.NewCrash(st.Image(), 512), Options{Provider: openProvider(t, kf), Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v2.Close()
+	if got := v2.RetiringSlots(); len(got) != 1 || got[0] != orphan {
+		t.Fatalf("retiring after open: %v, want [%d]", got, orphan)
+	}
+	if err := v2.Settle(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if v2.slots[orphan].State != layout.SlotDestroyed || v2.slots[named].State != layout.SlotActive || v2.VolumeSlot() != named {
+		t.Fatalf("orphan slot %d state %d, named slot %d state %d", orphan, v2.slots[orphan].State, named, v2.slots[named].State)
+	}
+	got := make([]byte, blockSize)
+	v2.ReadAt(got, 3*blockSize)
+	if !bytes.Equal(got, blockContent("old", 3)) {
+		t.Fatal("data changed")
+	}
+}
