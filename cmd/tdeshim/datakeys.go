@@ -53,10 +53,12 @@ Examples:
 			Usage: "destroy a dropped relation's data key now (crypto-shredding)",
 			Description: `serve does this by itself once a relfilenode's files have been gone for
 --shred-grace; shred skips the wait. Blocks the filesystem has reused move to
-their new owners' keys first; then the key is overwritten in the key table.
-Every copy of the backing store — snapshots, backups, old disks — made while
-the relation existed becomes unreadable for that relation: there is no undo.
-Refused while the relation still has files, unless --force.`,
+their new owners' keys first; then the key is overwritten in the key table,
+and nothing on this volume can decrypt that relation's old blocks: there is
+no undo. Copies of the backing store made earlier (snapshots, backups, old
+disks) hold their own wrapped copy of the key: to make them unreadable too,
+rotate the principal key (key rotate-principal) and destroy the old one in
+the KMS. Refused while the relation still has files, unless --force.`,
 			Flags: []cli.Flag{vol,
 				&cli.StringFlag{Name: "relation", Required: true, Usage: "DB/RELFILENODE or TABLESPACE/DB/RELFILENODE"},
 				&cli.BoolFlag{Name: "force", Usage: "shred even though the relation's files exist (its data moves to a new key)"},

@@ -38,8 +38,9 @@ filesystem's UUID is this volume's before trusting it). Every relfilenode then
 gets its own data key, pg_wal its WAL key, everything else the volume key.
 Blocks written before their file was seen take the volume key and are moved
 by the rekeyer (--rekey-rate). A relfilenode whose files are gone for
---shred-grace has its key destroyed (crypto-shredding): copies of the backing
-store made before can no longer be decrypted there.
+--shred-grace has its key destroyed (crypto-shredding). Copies of the backing
+store made earlier carry their own wrapped copy of that key: they stay
+readable until their principal key is gone too (docs/OPERATIONS.md).
 
 Exit status 0 after a clean shutdown.`,
 		Flags: append([]cli.Flag{
