@@ -76,22 +76,48 @@ func DecodeJournalSuper(b []byte) (uint64, error) {
 // EncodeJournalRecord encodes one record; its length is a whole number of
 // blocks.
 func EncodeJournalRecord(epoch, seq uint64, entries []JournalEntry) []byte {
-	nblocks := RecordBlocks(len(entries))
-	b := make([]byte, nblocks*BlockSize)
+	b := newRecord(journalRecordMagic, epoch, seq, len(entries), RecordBlocks(len(entries)))
 	le := binary.LittleEndian
-	copy(b, journalRecordMagic[:])
-	le.PutUint64(b[8:], epoch)
-	le.PutUint64(b[16:], seq)
-	le.PutUint32(b[24:], uint32(len(entries)))
-	le.PutUint32(b[28:], uint32(nblocks))
 	off := recordHeaderSize
 	for _, e := range entries {
 		le.PutUint64(b[off:], e.Block)
 		le.PutUint32(b[off+8:], e.Value)
 		off += journalEntrySize
 	}
-	le.PutUint32(b[32:], crc(b[:32], b[36:]))
+	sealRecord(b)
 	return b
+}
+
+// newRecord allocates a record of nblocks blocks and fills the header both
+// kinds share: magic, epoch, sequence, entry count, length.
+func newRecord(magic [8]byte, epoch, seq uint64, n, nblocks int) []byte {
+	b := make([]byte, nblocks*BlockSize)
+	le := binary.LittleEndian
+	copy(b, magic[:])
+	le.PutUint64(b[8:], epoch)
+	le.PutUint64(b[16:], seq)
+	le.PutUint32(b[24:], uint32(n))
+	le.PutUint32(b[28:], uint32(nblocks))
+	return b
+}
+
+// sealRecord writes a finished record's checksum.
+func sealRecord(b []byte) {
+	binary.LittleEndian.PutUint32(b[32:], crc(b[:32], b[36:]))
+}
+
+// openRecord checks that b holds a whole record of kind (header, length,
+// checksum) and returns it cut to its length.
+func openRecord(b []byte, kind int) (RecordInfo, []byte, error) {
+	ri, ok := PeekJournalRecord(b)
+	if !ok || ri.Kind != kind || len(b) < ri.Blocks*BlockSize {
+		return ri, nil, fmt.Errorf("%w journal record: bad header", ErrCorrupt)
+	}
+	b = b[:ri.Blocks*BlockSize]
+	if binary.LittleEndian.Uint32(b[32:]) != crc(b[:32], b[36:]) {
+		return ri, nil, fmt.Errorf("%w journal record %d: checksum", ErrCorrupt, ri.Seq)
+	}
+	return ri, b, nil
 }
 
 // RecordInfo is what the first block of a record says about it.
@@ -145,15 +171,11 @@ func PeekJournalRecord(b []byte) (RecordInfo, bool) {
 // DecodeJournalRecord checks a whole record (all its blocks) and returns
 // its entries. An error means a torn or foreign record: replay stops there.
 func DecodeJournalRecord(b []byte) (RecordInfo, []JournalEntry, error) {
-	ri, ok := PeekJournalRecord(b)
-	if !ok || ri.Kind != RecordMap || len(b) < ri.Blocks*BlockSize {
-		return ri, nil, fmt.Errorf("%w journal record: bad header", ErrCorrupt)
+	ri, b, err := openRecord(b, RecordMap)
+	if err != nil {
+		return ri, nil, err
 	}
-	b = b[:ri.Blocks*BlockSize]
 	le := binary.LittleEndian
-	if le.Uint32(b[32:]) != crc(b[:32], b[36:]) {
-		return ri, nil, fmt.Errorf("%w journal record %d: checksum", ErrCorrupt, ri.Seq)
-	}
 	out := make([]JournalEntry, ri.Entries)
 	off := recordHeaderSize
 	for i := range out {
@@ -186,14 +208,8 @@ func EncodeRekeyRecord(epoch, seq uint64, entries []RekeyEntry, data []byte) []b
 		panic("layout: rekey record data does not match its entries")
 	}
 	hb := rekeyHeaderBlocks(len(entries))
-	nblocks := hb + len(entries)
-	b := make([]byte, nblocks*BlockSize)
+	b := newRecord(rekeyRecordMagic, epoch, seq, len(entries), hb+len(entries))
 	le := binary.LittleEndian
-	copy(b, rekeyRecordMagic[:])
-	le.PutUint64(b[8:], epoch)
-	le.PutUint64(b[16:], seq)
-	le.PutUint32(b[24:], uint32(len(entries)))
-	le.PutUint32(b[28:], uint32(nblocks))
 	off := recordHeaderSize
 	for _, e := range entries {
 		le.PutUint64(b[off:], e.Block)
@@ -202,22 +218,18 @@ func EncodeRekeyRecord(epoch, seq uint64, entries []RekeyEntry, data []byte) []b
 		off += rekeyEntrySize
 	}
 	copy(b[hb*BlockSize:], data)
-	le.PutUint32(b[32:], crc(b[:32], b[36:]))
+	sealRecord(b)
 	return b
 }
 
 // DecodeRekeyRecord checks a whole rekey record and returns its entries and
 // the ciphertext blocks (a sub-slice of b, in entry order).
 func DecodeRekeyRecord(b []byte) (RecordInfo, []RekeyEntry, []byte, error) {
-	ri, ok := PeekJournalRecord(b)
-	if !ok || ri.Kind != RecordRekey || len(b) < ri.Blocks*BlockSize {
-		return ri, nil, nil, fmt.Errorf("%w rekey record: bad header", ErrCorrupt)
+	ri, b, err := openRecord(b, RecordRekey)
+	if err != nil {
+		return ri, nil, nil, err
 	}
-	b = b[:ri.Blocks*BlockSize]
 	le := binary.LittleEndian
-	if le.Uint32(b[32:]) != crc(b[:32], b[36:]) {
-		return ri, nil, nil, fmt.Errorf("%w rekey record %d: checksum", ErrCorrupt, ri.Seq)
-	}
 	out := make([]RekeyEntry, ri.Entries)
 	off := recordHeaderSize
 	for i := range out {
