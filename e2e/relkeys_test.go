@@ -386,7 +386,7 @@ func slotOf(t *testing.T, path string, k layout.RelKey) uint32 {
 		t.Fatal(err)
 	}
 	for i, sl := range st.Slots {
-		if sl.State == layout.SlotActive && sl.Kind == layout.KindRelation && sl.Tablespace == k.Tablespace && sl.Database == k.Database && sl.RelNode == k.RelNode {
+		if sl.State == layout.SlotActive && sl.Kind == layout.KindRelation && sl.Rel() == k {
 			return uint32(i)
 		}
 	}

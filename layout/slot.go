@@ -49,6 +49,11 @@ type Slot struct {
 // retiring).
 func (s *Slot) HasKey() bool { return s.State == SlotActive || s.State == SlotRetiring }
 
+// Rel is the relation a KindRelation slot belongs to.
+func (s *Slot) Rel() RelKey {
+	return RelKey{Tablespace: s.Tablespace, Database: s.Database, RelNode: s.RelNode}
+}
+
 const slotCRC = SlotSize - 4
 
 // EncodeSlot encodes slot number n (the number is covered by the checksum,

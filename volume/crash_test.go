@@ -191,6 +191,11 @@ func runCrashTest(t *testing.T, withKeys bool) {
 		}
 		wg.Wait()
 		crash()
+		if withKeys {
+			if got, want := v.Usage(), scanUsage(v); !equalUsage(got, want) {
+				t.Fatalf("seed %d: per-slot counts %v, key map says %v", seed, got, want)
+			}
+		}
 		moved += v.rk.moved.Load()
 		destroyed += v.stats.KeysDestroyed.Load()
 		v.closeKeys()

@@ -50,7 +50,7 @@ func (v *Volume) initOwners() {
 			v.own.destroyedEpoch[i] = 0
 		case sl.State != layout.SlotActive:
 		case sl.Kind == layout.KindRelation:
-			v.own.rel[layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}] = i
+			v.own.rel[sl.Rel()] = i
 		case sl.Kind == layout.KindWAL:
 			v.own.wal = i
 		case sl.Kind == layout.KindVolume && i != v.hdr.VolumeKeySlot:
@@ -359,7 +359,7 @@ func (v *Volume) Retire(ctx context.Context, s uint32, fresh bool) error {
 	if err != nil {
 		return err
 	}
-	rel := layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}
+	rel := sl.Rel()
 	v.own.mu.Lock()
 	v.own.retiring[s] = slotOwner(&sl)
 	switch sl.Kind {
@@ -458,7 +458,7 @@ func (v *Volume) destroyIfEmpty(s uint32) (bool, error) {
 	v.stats.KeysDestroyed.Add(1)
 	sl := v.slots[s]
 	v.log.Info("data key destroyed", "slot", s, "kind", kindName(sl.Kind),
-		"relation", relString(layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}))
+		"relation", relString(sl.Rel()))
 	return true, nil
 }
 
@@ -516,7 +516,7 @@ func relString(r layout.RelKey) string {
 
 // slotOwner is the owner a slot's key was made for.
 func slotOwner(sl *layout.Slot) layout.Owner {
-	return layout.Owner{Kind: sl.Kind, Rel: layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}}
+	return layout.Owner{Kind: sl.Kind, Rel: sl.Rel()}
 }
 
 // RotateKeys gives every active key that sel picks a fresh replacement and

@@ -93,6 +93,10 @@ func TestRekeyCutAfterEveryWrite(t *testing.T) {
 	if acked := rekeyScript(pv, nblk); len(acked) != 2 || pv.rk.moved.Load() < 3*nblk || pv.stats.KeysDestroyed.Load() < 1 {
 		t.Fatalf("uncut script: %d acked, %d moved, %d destroyed", len(acked), pv.rk.moved.Load(), pv.stats.KeysDestroyed.Load())
 	}
+	// The per-slot counts every key-map change keeps match the map.
+	if got, want := pv.Usage(), scanUsage(pv); !equalUsage(got, want) {
+		t.Fatalf("per-slot counts %v, key map says %v", got, want)
+	}
 	total := 1<<30 - probe.n
 	pv.closeKeys()
 	for n := 0; n <= total; n++ {
@@ -182,4 +186,29 @@ func TestVolumeKeyRotationCutBeforeHeader(t *testing.T) {
 	if !bytes.Equal(got, blockContent("old", 3)) {
 		t.Fatal("data changed")
 	}
+}
+
+// scanUsage counts blocks by slot from the key map itself.
+func scanUsage(v *Volume) map[uint32]uint64 {
+	u := map[uint32]uint64{}
+	for i := range v.entries {
+		e := v.entries[i].Load()
+		if e&trimmedFlag != 0 {
+			e = layout.FreeEntry
+		}
+		u[e]++
+	}
+	return u
+}
+
+func equalUsage(a, b map[uint32]uint64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, n := range a {
+		if b[k] != n {
+			return false
+		}
+	}
+	return true
 }

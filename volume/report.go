@@ -54,16 +54,12 @@ type RetiringKey struct {
 	Blocks  int64  `json:"blocks_left"`
 }
 
-// BuildKeyReport computes the report from a key table, a key-map reader
-// and (if known) the index. Used live by serve and offline by status.
-func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, nblocks uint64, ix *layout.Index, volSlot uint32) KeyReport {
+// BuildKeyReport computes the report from a key table, a key-map reader,
+// the live blocks under each slot and (if known) the index. Used live by
+// serve (under = the volume's per-slot counts) and offline by status
+// (CountBySlot of the key map).
+func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, under func(slot uint32) int64, nblocks uint64, ix *layout.Index, volSlot uint32) KeyReport {
 	r := KeyReport{Watched: ix != nil, KeyMapBytes: nblocks * layout.EntrySize}
-	under := map[uint32]int64{}
-	for b := uint64(0); b < nblocks; b++ {
-		if e := entry(b); e != layout.FreeEntry {
-			under[e]++
-		}
-	}
 	byRel := map[layout.RelKey]*RelationReport{}
 	var wal *KeyShare
 	for i := uint32(1); i < uint32(len(slots)); i++ {
@@ -73,9 +69,9 @@ func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, nblocks ui
 			r.Destroyed++
 			continue
 		case layout.SlotRetiring:
-			rk := RetiringKey{KeySlot: i, Kind: kindName(sl.Kind), Blocks: under[i]}
+			rk := RetiringKey{KeySlot: i, Kind: kindName(sl.Kind), Blocks: under(i)}
 			if sl.Kind == layout.KindRelation {
-				rk.Owner = relString(layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode})
+				rk.Owner = relString(sl.Rel())
 			}
 			r.Retiring = append(r.Retiring, rk)
 			continue
@@ -85,18 +81,18 @@ func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, nblocks ui
 		}
 		switch sl.Kind {
 		case layout.KindRelation:
-			k := layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}
+			k := sl.Rel()
 			rr := &RelationReport{TablespaceOID: k.Tablespace, DatabaseOID: k.Database, RelFileNode: k.RelNode,
 				KeySlot: i, Principal: sl.Principal, Created: time.Unix(sl.Created, 0).UTC()}
 			if ix == nil {
-				rr.BlocksOwnKey = under[i] // without the index, every block under its key
+				rr.BlocksOwnKey = under(i) // without the index, every block under its key
 			}
 			byRel[k] = rr
 		case layout.KindWAL:
-			wal = &KeyShare{KeySlot: i, BlocksUnderKey: under[i]}
+			wal = &KeyShare{KeySlot: i, BlocksUnderKey: under(i)}
 		}
 	}
-	r.Volume = KeyShare{KeySlot: volSlot, BlocksUnderKey: under[volSlot]}
+	r.Volume = KeyShare{KeySlot: volSlot, BlocksUnderKey: under(volSlot)}
 	if ix != nil {
 		r.IndexBytes = ix.MemoryBytes()
 		ix.Walk(func(start, n uint64, o layout.Owner) bool {
@@ -108,28 +104,16 @@ func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, nblocks ui
 					byRel[o.Rel] = rr
 				}
 				rr.FileBlocks += int64(n)
-				for b := start; b < start+n && b < nblocks; b++ {
-					switch e := entry(b); {
-					case e == layout.FreeEntry:
-					case rr.KeySlot != 0 && e == rr.KeySlot:
-						rr.BlocksOwnKey++
-					default:
-						rr.BlocksOtherKey++
-					}
-				}
+				own, other := ownOther(entry, start, min(start+n, nblocks), rr.KeySlot)
+				rr.BlocksOwnKey += own
+				rr.BlocksOtherKey += other
 			case layout.KindWAL:
 				if wal == nil {
 					wal = &KeyShare{}
 				}
-				for b := start; b < start+n && b < nblocks; b++ {
-					switch e := entry(b); {
-					case e == layout.FreeEntry:
-					case wal.KeySlot != 0 && e == wal.KeySlot:
-						wal.BlocksOwnKey++
-					default:
-						wal.BlocksOtherKey++
-					}
-				}
+				own, other := ownOther(entry, start, min(start+n, nblocks), wal.KeySlot)
+				wal.BlocksOwnKey += own
+				wal.BlocksOtherKey += other
 			}
 			return true
 		})
@@ -151,6 +135,32 @@ func BuildKeyReport(slots []layout.Slot, entry func(b uint64) uint32, nblocks ui
 	return r
 }
 
+// ownOther counts the live blocks of [b0, b1) under slot own (0: the
+// owner has no key, so every live block is under another).
+func ownOther(entry func(b uint64) uint32, b0, b1 uint64, own uint32) (mine, other int64) {
+	for b := b0; b < b1; b++ {
+		switch e := entry(b); {
+		case e == layout.FreeEntry:
+		case own != 0 && e == own:
+			mine++
+		default:
+			other++
+		}
+	}
+	return mine, other
+}
+
+// CountBySlot counts the blocks of a key map under each slot.
+func CountBySlot(entries []uint32) func(slot uint32) int64 {
+	n := map[uint32]int64{}
+	for _, e := range entries {
+		if e != layout.FreeEntry {
+			n[e]++
+		}
+	}
+	return func(s uint32) int64 { return n[s] }
+}
+
 // KeyReport reports the live volume's keys.
 func (v *Volume) KeyReport() KeyReport {
 	slots := v.Slots()
@@ -160,7 +170,7 @@ func (v *Volume) KeyReport() KeyReport {
 			return layout.FreeEntry
 		}
 		return e
-	}, v.geo.Blocks(), v.index.Load(), v.volSlot())
+	}, v.SlotBlocks, v.geo.Blocks(), v.index.Load(), v.volSlot())
 	rs := v.RekeyStatsSnapshot()
 	r.Rekey = &rs
 	return r

@@ -611,15 +611,19 @@ func IsNoSpace(err error) bool {
 	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) || errors.Is(err, syscall.EFBIG)
 }
 
-// Usage counts blocks by key slot; slot 0 is FREE.
+// Usage counts blocks by key slot; slot 0 is FREE. It reads the live
+// per-slot counts that every key-map change keeps, not the map itself.
 func (v *Volume) Usage() map[uint32]uint64 {
 	u := map[uint32]uint64{}
-	for i := range v.entries {
-		e := v.entries[i].Load()
-		if e&trimmedFlag != 0 {
-			e = 0
+	used := uint64(0)
+	for s := range v.counts {
+		if n := v.counts[s].Load(); n > 0 {
+			u[uint32(s)] = uint64(n)
+			used += uint64(n)
 		}
-		u[e]++
+	}
+	if free := v.geo.Blocks() - used; free > 0 {
+		u[layout.FreeEntry] = free
 	}
 	return u
 }

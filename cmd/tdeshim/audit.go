@@ -97,7 +97,7 @@ func runAudit(c *cli.Context) error {
 		}
 		switch sl.Kind {
 		case layout.KindRelation:
-			rels[layout.RelKey{Tablespace: sl.Tablespace, Database: sl.Database, RelNode: sl.RelNode}] = uint32(i)
+			rels[sl.Rel()] = uint32(i)
 		case layout.KindWAL:
 			wal = uint32(i)
 		}

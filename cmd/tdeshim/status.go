@@ -122,7 +122,7 @@ func runStatus(c *cli.Context) error {
 	}
 	if c.Bool("relations") {
 		if out.Keys == nil {
-			kr := volume.BuildKeyReport(s.Slots, func(b uint64) uint32 { return s.Entries[b] }, s.Header.Geometry.Blocks(), nil, s.Header.VolumeKeySlot)
+			kr := volume.BuildKeyReport(s.Slots, func(b uint64) uint32 { return s.Entries[b] }, volume.CountBySlot(s.Entries), s.Header.Geometry.Blocks(), nil, s.Header.VolumeKeySlot)
 			out.Keys = &kr
 		}
 		out.Relations, out.Keys.Relations = out.Keys.Relations, nil
