@@ -56,10 +56,7 @@ func (v *Volume) unwrapAll(ctx context.Context) error {
 			// A tenant's key revoked: its database stays unreadable,
 			// the rest of the volume opens.
 			v.log.Error("a database's principal key is revoked; its relations stay unreadable", "principal", n, "keys", len(slots), "err", err)
-			if v.suspendedPrincipals == nil {
-				v.suspendedPrincipals = map[uint16]error{}
-			}
-			v.suspendedPrincipals[n] = err
+			v.markSuspendedLocked(n, err)
 			continue
 		}
 		if err != nil {
@@ -137,9 +134,7 @@ func (v *Volume) RotatePrincipal(ctx context.Context, prov keys.Provider, progre
 	defer v.keyMu.Unlock()
 	v.slotsMu.Lock()
 	defer v.slotsMu.Unlock()
-	next := v.nextPrincipal()
-	v.principals.Keys[next] = prov.Config()
-	v.provs[next] = prov
+	next := v.addPrincipalLocked(prov)
 	if err := v.writePrincipalsLocked(); err != nil {
 		return err
 	}

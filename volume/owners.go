@@ -188,16 +188,17 @@ func (v *Volume) EnsureWALKey(ctx context.Context) (uint32, error) {
 // ErrNoFreeSlot means the key table is full.
 var ErrNoFreeSlot = errors.New("volume: the key table is full; new relations use the volume key until keys are shredded (or re-create the volume with more --slots)")
 
-// allocSlotExcept finds an empty slot, or a destroyed one whose
-// destruction a checkpoint has made final, not in skip. slotsMu is held.
-func (v *Volume) allocSlotExcept(skip map[uint32]bool) (uint32, error) {
+// allocSlot finds an empty slot, or a destroyed one whose destruction a
+// checkpoint has made final. slotsMu is held; a slot handed out is marked
+// active before slotsMu is next released with keyMu held by its caller.
+func (v *Volume) allocSlot() (uint32, error) {
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if v.slots[i].State == layout.SlotEmpty && !skip[i] {
+		if v.slots[i].State == layout.SlotEmpty {
 			return i, nil
 		}
 	}
 	for i := uint32(1); i < uint32(len(v.slots)); i++ {
-		if e, ok := v.own.destroyedEpoch[i]; ok && !skip[i] && v.slots[i].State == layout.SlotDestroyed && e < v.epochSeen.Load() {
+		if e, ok := v.own.destroyedEpoch[i]; ok && v.slots[i].State == layout.SlotDestroyed && e < v.epochSeen.Load() {
 			return i, nil
 		}
 	}
@@ -231,10 +232,9 @@ func (v *Volume) newKeys(ctx context.Context, kind uint8, rels []layout.RelKey) 
 	}
 	var ready []made
 	var firstErr error
-	reserved := map[uint32]bool{}
 	for _, rel := range rels {
 		v.slotsMu.Lock()
-		slot, err := v.allocSlotExcept(reserved)
+		slot, err := v.allocSlot()
 		pn := v.principals.Current
 		if kind == layout.KindRelation {
 			pn = v.principals.ForDatabase(rel.Database)
@@ -281,7 +281,6 @@ func (v *Volume) newKeys(ctx context.Context, kind uint8, rels []layout.RelKey) 
 			firstErr = err
 			break
 		}
-		reserved[slot] = true
 		ready = append(ready, made{slot, secret, c})
 	}
 	if len(ready) > 0 {

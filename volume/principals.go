@@ -25,13 +25,25 @@ func (v *Volume) wantPrincipal(sl *layout.Slot) uint16 {
 	return v.principals.Current
 }
 
-// nextPrincipal is an unused entry number. slotsMu is held.
-func (v *Volume) nextPrincipal() uint16 {
+// addPrincipalLocked lists prov under an unused entry number (in memory;
+// the caller writes the header) and returns the number. slotsMu is held.
+func (v *Volume) addPrincipalLocked(prov keys.Provider) uint16 {
 	next := uint16(0)
 	for n := range v.principals.Keys {
 		next = max(next, n+1)
 	}
+	v.principals.Keys[next] = prov.Config()
+	v.provs[next] = prov
 	return next
+}
+
+// markSuspendedLocked records that principal entry n is revoked. slotsMu
+// is held.
+func (v *Volume) markSuspendedLocked(n uint16, reason error) {
+	if v.suspendedPrincipals == nil {
+		v.suspendedPrincipals = map[uint16]error{}
+	}
+	v.suspendedPrincipals[n] = reason
 }
 
 // SetDatabasePrincipal gives database db its own principal key: the
@@ -46,13 +58,11 @@ func (v *Volume) SetDatabasePrincipal(ctx context.Context, db uint32, prov keys.
 	defer v.keyMu.Unlock()
 	v.slotsMu.Lock()
 	defer v.slotsMu.Unlock()
-	n := v.nextPrincipal()
-	v.principals.Keys[n] = prov.Config()
+	n := v.addPrincipalLocked(prov)
 	if v.principals.Databases == nil {
 		v.principals.Databases = map[uint32]uint16{}
 	}
 	v.principals.Databases[db] = n
-	v.provs[n] = prov
 	if err := v.writePrincipalsLocked(); err != nil {
 		return 0, err
 	}
@@ -193,10 +203,7 @@ func (v *Volume) SuspendPrincipal(n uint16, reason error) {
 	if v.suspendedPrincipals[n] != nil {
 		return
 	}
-	if v.suspendedPrincipals == nil {
-		v.suspendedPrincipals = map[uint16]error{}
-	}
-	v.suspendedPrincipals[n] = reason
+	v.markSuspendedLocked(n, reason)
 	wiped := 0
 	for i := range v.slots {
 		if v.slots[i].HasKey() && v.slots[i].Principal == n {
