@@ -1,17 +1,16 @@
 package walwatch
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tdeshim/tdeshim/internal/mounts"
 )
 
 // ext4 superblock (at byte 1024 of the device): the fields we read.
@@ -28,43 +27,6 @@ const (
 // ErrNotMounted: nothing is mounted at the watched path (yet).
 var ErrNotMounted = errors.New("walwatch: not mounted")
 
-// mountPoint reports whether dir is a mount point, from /proc/self/mountinfo.
-func mountPoint(dir string) (bool, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options …
-		fs := strings.Fields(sc.Text())
-		if len(fs) > 4 && unescapeMount(fs[4]) == dir {
-			return true, nil
-		}
-	}
-	return false, sc.Err()
-}
-
-// unescapeMount undoes the octal escapes of mountinfo (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
 // DeviceReader reads the volume the filesystem should be on.
 type DeviceReader interface {
 	ReadAt(p []byte, off int64) error
@@ -76,7 +38,7 @@ type DeviceReader interface {
 // lives on this volume, so its FIEMAP offsets are our block numbers.
 func VerifyMount(dir string, dev DeviceReader) error {
 	dir = filepath.Clean(dir)
-	ok, err := mountPoint(dir)
+	ok, err := mounts.IsMountPoint(dir)
 	if err != nil {
 		return err
 	}

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tdeshim/tdeshim/internal/mounts"
 	"github.com/tdeshim/tdeshim/layout"
 )
 
@@ -228,7 +229,7 @@ func (w *Watcher) follow(ctx context.Context) error {
 		t.flush(ctx)
 		if time.Since(lastPoll) >= w.cfg.Poll {
 			lastPoll = time.Now()
-			if ok, _ := mountPoint(w.cfg.Mount); !ok {
+			if ok, _ := mounts.IsMountPoint(w.cfg.Mount); !ok {
 				return errors.New("filesystem unmounted")
 			}
 			t.retryKeys(ctx)

@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/tdeshim/tdeshim/attach"
+	"github.com/tdeshim/tdeshim/internal/mounts"
 )
 
 func attachCommand() *cli.Command {
@@ -92,37 +92,14 @@ the kernel client. serve keeps running.`,
 	}
 }
 
-// mounts lists (source, mount point) pairs from /proc/self/mounts.
-func mounts() [][2]string {
-	b, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		return nil
-	}
-	var out [][2]string
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 {
-			out = append(out, [2]string{f[0], f[1]})
-		}
-	}
-	return out
-}
-
 // isMounted reports whether dev is mounted, and where.
 func isMounted(dev string) (bool, string) {
-	for _, m := range mounts() {
-		if m[0] == dev {
-			return true, m[1]
-		}
-	}
-	return false, ""
+	where, ok := mounts.MountedAt(dev)
+	return ok, where
 }
 
 // isMountPoint reports whether something is mounted on dir.
 func isMountPoint(dir string) bool {
-	for _, m := range mounts() {
-		if m[1] == dir {
-			return true
-		}
-	}
-	return false
+	ok, _ := mounts.IsMountPoint(dir)
+	return ok
 }
