@@ -92,17 +92,7 @@ func TestPostgresRewritingDDLAndAmcheck(t *testing.T) {
 	p := initPG(t, s.mnt, "-c allow_in_place_tablespaces=on")
 	p.pgbench(t, "-i", "-s", "5", "-q", "postgres")
 	p.pgbench(t, "-c", "2", "-T", "5", "postgres")
-	p.sql(t, "postgres", `
-CREATE TABLE keep AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) g;
-CREATE INDEX keep_v ON keep (v);
-CLUSTER keep USING keep_v;
-VACUUM FULL keep;
-REINDEX TABLE keep;
-CREATE TABLESPACE inplace LOCATION '';
-ALTER TABLE keep SET TABLESPACE inplace;
-CREATE TABLE gone AS SELECT 1 AS x;
-TRUNCATE gone;
-INSERT INTO gone VALUES (2);`)
+	rewritingDDL(t, p, 5000)
 	p.sql(t, "postgres", "CREATE DATABASE second")
 	p.sql(t, "second", "CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
 	p.sql(t, "postgres", "DROP DATABASE second")
@@ -122,6 +112,25 @@ INSERT INTO gone VALUES (2);`)
 	if got := p.sql(t, "postgres", "SELECT count(*) FROM keep"); got != "5000" {
 		t.Fatalf("after remount: %s", got)
 	}
+}
+
+// rewritingDDL runs every DDL that gives a relation a new file (so a new
+// key): a table of rows rows is created, indexed, clustered, vacuumed
+// full, reindexed and moved to an in-place tablespace (the server needs
+// allow_in_place_tablespaces); another is truncated and refilled.
+func rewritingDDL(t *testing.T, p *pg, rows int) {
+	t.Helper()
+	p.sql(t, "postgres", fmt.Sprintf(`
+CREATE TABLE keep AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, %d) g;
+CREATE INDEX keep_v ON keep (v);
+CLUSTER keep USING keep_v;
+VACUUM FULL keep;
+REINDEX TABLE keep;
+CREATE TABLESPACE inplace LOCATION '';
+ALTER TABLE keep SET TABLESPACE inplace;
+CREATE TABLE gone AS SELECT 1 AS x;
+TRUNCATE gone;
+INSERT INTO gone VALUES (2);`, rows))
 }
 
 // ledger inserts one row per transaction and remembers what committed

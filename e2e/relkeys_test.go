@@ -140,17 +140,8 @@ func TestPerRelationKeysAfterPgbenchAndDDL(t *testing.T) {
 	p := initPGOn(t, s.mnt, port, "-c allow_in_place_tablespaces=on")
 	p.pgbench(t, "-i", "-s", "5", "-q", "postgres")
 	p.pgbench(t, "-c", "2", "-T", "10", "postgres")
+	rewritingDDL(t, p, 20000)
 	p.sql(t, "postgres", `
-CREATE TABLE keep AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 20000) g;
-CREATE INDEX keep_v ON keep (v);
-CLUSTER keep USING keep_v;
-VACUUM FULL keep;
-REINDEX TABLE keep;
-CREATE TABLESPACE inplace LOCATION '';
-CREATE TABLE elsewhere TABLESPACE inplace AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 5000) g;
-CREATE TABLE gone AS SELECT 1 AS x;
-TRUNCATE gone;
-INSERT INTO gone VALUES (2);
 DROP TABLE pgbench_history;
 CREATE MATERIALIZED VIEW mv AS SELECT id % 100 AS k, count(*) FROM keep GROUP BY 1;`)
 	p.sql(t, "postgres", "CREATE DATABASE second")
