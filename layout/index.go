@@ -2,6 +2,7 @@ package layout
 
 import (
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 )
@@ -30,6 +31,11 @@ const (
 // RelKey names one relfilenode: all its forks and segments share a key.
 type RelKey struct {
 	Tablespace, Database, RelNode uint32
+}
+
+// String is TABLESPACE/DATABASE/RELFILENODE (OIDs), as the commands take it.
+func (r RelKey) String() string {
+	return strconv.FormatUint(uint64(r.Tablespace), 10) + "/" + strconv.FormatUint(uint64(r.Database), 10) + "/" + strconv.FormatUint(uint64(r.RelNode), 10)
 }
 
 // Owner is what a file is to PostgreSQL: a relation fork segment, a WAL

@@ -141,3 +141,9 @@ func TestIndexMemoryPerTiB(t *testing.T) {
 		t.Fatalf("index needs %d MiB per TiB", per>>20)
 	}
 }
+
+func TestRelKeyString(t *testing.T) {
+	if got := (RelKey{Tablespace: 1663, Database: 5, RelNode: 16384}).String(); got != "1663/5/16384" {
+		t.Fatalf("RelKey.String = %q", got)
+	}
+}

@@ -227,17 +227,17 @@ func shred(ctx context.Context, d controlDeps, t KeyTarget) ([]uint32, error) {
 	rel := *t.Relation
 	s := d.vol.RelationSlot(rel)
 	if s == 0 {
-		return nil, fmt.Errorf("relation %d/%d/%d has no active key (already shredded, or never seen)", rel.Tablespace, rel.Database, rel.RelNode)
+		return nil, fmt.Errorf("relation %s has no active key (already shredded, or never seen)", rel)
 	}
 	if ix := d.vol.Index(); ix != nil && !t.Force {
 		if n, ok := ix.Relations()[rel]; ok {
-			return nil, fmt.Errorf("relation %d/%d/%d still has files (%d blocks): drop it in PostgreSQL first, or pass --force (its data moves to a new key)", rel.Tablespace, rel.Database, rel.RelNode, n)
+			return nil, fmt.Errorf("relation %s still has files (%d blocks): drop it in PostgreSQL first, or pass --force (its data moves to a new key)", rel, n)
 		}
 	}
 	if err := d.vol.Retire(ctx, s, false); err != nil {
 		return nil, err
 	}
-	d.log.Info("crypto-shredding on request", "relation", fmt.Sprintf("%d/%d/%d", rel.Tablespace, rel.Database, rel.RelNode), "slot", s)
+	d.log.Info("crypto-shredding on request", "relation", rel.String(), "slot", s)
 	return []uint32{s}, nil
 }
 

@@ -510,7 +510,7 @@ func relString(r layout.RelKey) string {
 	if r == (layout.RelKey{}) {
 		return ""
 	}
-	return fmt.Sprintf("%d/%d/%d", r.Tablespace, r.Database, r.RelNode)
+	return r.String()
 }
 
 // slotOwner is the owner a slot's key was made for.

@@ -314,7 +314,7 @@ func printKeys(s Status) {
 	}
 	if s.Live != nil && s.Live.Watch != nil {
 		for _, p := range s.Live.Watch.PendingShred {
-			fmt.Printf("shred due   %d/%d/%d: files gone since %s; key destroyed after %s\n", p.Rel.Tablespace, p.Rel.Database, p.Rel.RelNode, p.Since.Format(time.RFC3339), p.Due.Format(time.RFC3339))
+			fmt.Printf("shred due   %s: files gone since %s; key destroyed after %s\n", p.Rel, p.Since.Format(time.RFC3339), p.Due.Format(time.RFC3339))
 		}
 	}
 	fmt.Printf("destroyed   %d keys (crypto-shredded or rotated away)\n", k.Destroyed)
