@@ -1,6 +1,8 @@
 package walwatch
 
 import (
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -102,4 +104,25 @@ func relFile(spc, db uint32, name string) layout.Owner {
 		return vol
 	}
 	return layout.Owner{Kind: layout.KindRelation, Rel: layout.RelKey{Tablespace: spc, Database: db, RelNode: rn}, Fork: fork, Segment: seg}
+}
+
+// Tablespaces maps each tablespace directory a data directory links to
+// (pg_tblspc/<oid>, symlinks resolved) to its OID: a file under such a
+// directory is ParsePath("pg_tblspc/<oid>/" + its path below it).
+func Tablespaces(dataDir string) map[string]uint32 {
+	out := map[string]uint32{}
+	ents, err := os.ReadDir(filepath.Join(dataDir, "pg_tblspc"))
+	if err != nil {
+		return out
+	}
+	for _, e := range ents {
+		o, ok := oid(e.Name())
+		if !ok {
+			continue
+		}
+		if target, err := filepath.EvalSymlinks(filepath.Join(dataDir, "pg_tblspc", e.Name())); err == nil {
+			out[target] = o
+		}
+	}
+	return out
 }

@@ -336,18 +336,9 @@ func (t *tree) loadTablespaces() {
 	if t.dataDir == "" {
 		return
 	}
-	ents, err := os.ReadDir(filepath.Join(t.dataDir, "pg_tblspc"))
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		o, ok := oid(e.Name())
-		if !ok {
-			continue
-		}
-		target, err := filepath.EvalSymlinks(filepath.Join(t.dataDir, "pg_tblspc", e.Name()))
-		if err == nil && strings.HasPrefix(target, t.w.cfg.Mount+"/") {
-			t.spcDirs[target] = o
+	for dir, o := range Tablespaces(t.dataDir) {
+		if strings.HasPrefix(dir, t.w.cfg.Mount+"/") {
+			t.spcDirs[dir] = o
 		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"syscall"
 	"time"
 
@@ -112,18 +113,7 @@ func runAudit(c *cli.Context) error {
 		return err
 	}
 	rootDev = rs.Dev
-	tblspc := map[string]uint32{} // resolved tablespace dir → OID
-	if ents, err := os.ReadDir(filepath.Join(root, "pg_tblspc")); err == nil {
-		for _, e := range ents {
-			var o uint64
-			if _, err := fmt.Sscan(e.Name(), &o); err != nil {
-				continue
-			}
-			if t, err := filepath.EvalSymlinks(filepath.Join(root, "pg_tblspc", e.Name())); err == nil {
-				tblspc[t] = uint32(o)
-			}
-		}
-	}
+	tblspc := walwatch.Tablespaces(root)
 	res := &AuditResult{Problems: []AuditIssue{}}
 	check := func(path, rel string) error {
 		o := walwatch.ParsePath(rel)
@@ -167,6 +157,9 @@ func runAudit(c *cli.Context) error {
 		return err
 	}
 	for dir, o := range tblspc {
+		if strings.HasPrefix(dir, root+"/") {
+			continue // an in-place tablespace: walked with the data directory
+		}
 		if err := walk(dir, fmt.Sprintf("pg_tblspc/%d/", o)); err != nil {
 			return err
 		}
